@@ -1,0 +1,174 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trl_nspo.null_space import (
+    CovarianceAccumulator,
+    NullSpaceBasis,
+    NullSpaceError,
+    NullSpaceRule,
+    null_space_from_covariance,
+    relative_output_change,
+)
+
+
+def low_rank_inputs(input_dim: int, rank: int, tokens: int, seed: int) -> torch.Tensor:
+    """`tokens` rows of size `input_dim` spanning a random `rank`-dimensional subspace (K as rows)."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(rank, input_dim, generator=generator, dtype=torch.float64)
+    return torch.randn(tokens, rank, generator=generator, dtype=torch.float64) @ mixing
+
+
+def covariance_of(rows: torch.Tensor) -> torch.Tensor:
+    accumulator = CovarianceAccumulator(rows.shape[1])
+    accumulator.update(rows)
+    return accumulator.sum
+
+
+class TestNullSpaceRule:
+    def test_relative_rule_counts_eigenvalues_below_alpha_times_largest(self):
+        eigenvalues = torch.tensor([0.0, 1e-6, 4e-5, 6e-5, 0.5, 1.0], dtype=torch.float64)
+        assert NullSpaceRule(alpha=5e-5).null_dimension(eigenvalues) == 3
+        assert NullSpaceRule(alpha=1e-5).null_dimension(eigenvalues) == 2
+
+    def test_energy_rule_keeps_smallest_directions_within_energy_budget(self):
+        eigenvalues = torch.tensor([1.0, 2.0, 3.0, 94.0], dtype=torch.float64)  # total 100
+        assert NullSpaceRule(rule="energy", energy=0.03).null_dimension(eigenvalues) == 2
+        assert NullSpaceRule(rule="energy", energy=0.06).null_dimension(eigenvalues) == 3
+        assert NullSpaceRule(rule="energy", energy=0.005).null_dimension(eigenvalues) == 0
+
+    def test_cap_keeps_the_smallest_directions(self):
+        eigenvalues = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+        assert NullSpaceRule(max_null_dim=2).null_dimension(eigenvalues) == 2
+
+    def test_negative_round_off_eigenvalues_count_as_zero(self):
+        eigenvalues = torch.tensor([-1e-12, 0.0, 1.0], dtype=torch.float64)
+        assert NullSpaceRule().null_dimension(eigenvalues) == 2
+
+    def test_zero_covariance_is_refused(self):
+        with pytest.raises(NullSpaceError, match="covariance is zero"):
+            NullSpaceRule().null_dimension(torch.zeros(4, dtype=torch.float64))
+
+    @pytest.mark.parametrize(
+        "kwargs, message",
+        [
+            ({"rule": "svd"}, "Unknown null-space rule 'svd'"),
+            ({"alpha": 0.0}, "alpha must be in"),
+            ({"alpha": 1.5}, "alpha must be in"),
+            ({"energy": 1.0}, "energy must be in"),
+            ({"max_null_dim": 0}, "max_null_dim must be a positive integer"),
+        ],
+    )
+    def test_bad_values_fail_at_construction(self, kwargs, message):
+        with pytest.raises(NullSpaceError, match=message):
+            NullSpaceRule(**kwargs)
+
+
+class TestCovarianceAccumulator:
+    def test_batches_sum_to_the_full_covariance_and_count_tokens(self):
+        rows = low_rank_inputs(8, 8, 30, seed=0)
+        accumulator = CovarianceAccumulator(8)
+        accumulator.update(rows[:10].float().reshape(2, 5, 8))
+        accumulator.update(rows[10:].float())
+        assert accumulator.token_count == 30
+        torch.testing.assert_close(accumulator.sum, rows.float().double().T @ rows.float().double())
+
+    def test_sketch_estimates_output_norms_without_bias(self):
+        rows = low_rank_inputs(16, 16, 400, seed=1)
+        weight = torch.randn(5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        estimates = []
+        for seed in range(20):
+            accumulator = CovarianceAccumulator(16, sketch_dim=32, seed=seed)
+            accumulator.update(rows)
+            estimates.append(torch.linalg.matrix_norm(weight @ accumulator.sketch).item() ** 2)
+        exact = torch.linalg.matrix_norm(weight @ rows.T).item() ** 2
+        assert abs(sum(estimates) / len(estimates) / exact - 1.0) < 0.1
+
+    def test_sketch_is_deterministic_for_a_seed(self):
+        rows = low_rank_inputs(6, 6, 20, seed=3)
+        sketches = []
+        for _ in range(2):
+            accumulator = CovarianceAccumulator(6, sketch_dim=4, seed=7)
+            accumulator.update(rows)
+            sketches.append(accumulator.sketch)
+        torch.testing.assert_close(sketches[0], sketches[1], rtol=0, atol=0)
+
+
+class TestNullSpaceBasis:
+    def test_null_space_of_low_rank_inputs_is_their_orthogonal_complement(self):
+        rows = low_rank_inputs(12, 4, 50, seed=0)
+        basis = null_space_from_covariance(covariance_of(rows), NullSpaceRule())
+        assert basis.null_dim == 8
+        update = torch.randn(3, 12)
+        projected = basis.project_rows(update)
+        # dW·K = 0 for the projected update, while the raw one changes the outputs.
+        assert relative_output_change(projected.double() @ rows.T, update.double() @ rows.T) < 1e-6
+        assert torch.linalg.matrix_norm(update.double() @ rows.T) > 1.0
+
+    def test_the_smaller_basis_is_stored(self):
+        small_null = null_space_from_covariance(covariance_of(low_rank_inputs(10, 7, 40, seed=1)), NullSpaceRule())
+        large_null = null_space_from_covariance(covariance_of(low_rank_inputs(10, 2, 40, seed=1)), NullSpaceRule())
+        assert small_null.stores_null and tuple(small_null.basis.shape) == (10, 3)
+        assert not large_null.stores_null and tuple(large_null.basis.shape) == (10, 2)
+        assert (small_null.null_dim, large_null.null_dim) == (3, 8)
+
+    def test_both_storages_give_the_same_projection(self):
+        eigenvectors, _ = torch.linalg.qr(torch.randn(9, 9, dtype=torch.float64))
+        eigenvalues = torch.arange(9, dtype=torch.float64)
+        rows = torch.randn(4, 9, dtype=torch.float64)
+        for null_dim in range(10):
+            from_null = NullSpaceBasis(eigenvectors[:, :null_dim], stores_null=True)
+            from_range = NullSpaceBasis(eigenvectors[:, null_dim:], stores_null=False)
+            chosen = NullSpaceBasis.from_eigh(eigenvalues, eigenvectors, null_dim)
+            expected = rows @ eigenvectors[:, :null_dim] @ eigenvectors[:, :null_dim].T
+            for basis in (from_null, from_range, chosen):
+                torch.testing.assert_close(basis.project_rows(rows), expected)
+            assert chosen.basis.shape[1] == min(null_dim, 9 - null_dim)
+
+    def test_low_precision_rows_are_projected_in_float32_and_cast_back(self):
+        basis = null_space_from_covariance(covariance_of(low_rank_inputs(16, 6, 40, seed=4)), NullSpaceRule())
+        rows = torch.randn(4, 16).to(torch.bfloat16)
+        projected = basis.project_rows(rows)
+        assert projected.dtype == torch.bfloat16
+        torch.testing.assert_close(projected.float(), basis.project_rows(rows.float()), atol=2e-2, rtol=2e-2)
+
+    def test_non_finite_covariance_names_the_fix(self):
+        covariance = torch.eye(3, dtype=torch.float64)
+        covariance[0, 0] = math.inf
+        with pytest.raises(NullSpaceError, match="float32 instead of float16"):
+            null_space_from_covariance(covariance, NullSpaceRule())
+
+    def test_range_part_norm_measures_what_projection_removes(self):
+        basis = NullSpaceBasis(torch.eye(4)[:, :2], stores_null=True)
+        rows = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+        assert basis.range_part_norm(rows).item() == pytest.approx(5.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    input_dim=st.integers(min_value=2, max_value=24),
+    rank_fraction=st.floats(min_value=0.05, max_value=0.95),
+    seed=st.integers(min_value=0, max_value=10_000),
+)
+def test_projection_properties_on_random_low_rank_covariances(input_dim, rank_fraction, seed):
+    rank = max(1, min(input_dim - 1, round(rank_fraction * input_dim)))
+    rows = low_rank_inputs(input_dim, rank, tokens=3 * input_dim, seed=seed)
+    basis = null_space_from_covariance(covariance_of(rows), NullSpaceRule(alpha=1e-9))
+    assert basis.null_dim == input_dim - rank
+    # The complement is stored when it is smaller.
+    assert basis.basis.shape[1] == min(basis.null_dim, input_dim - basis.null_dim)
+    # Orthonormal basis.
+    gram = basis.basis.double().T @ basis.basis.double()
+    torch.testing.assert_close(gram, torch.eye(gram.shape[0], dtype=torch.float64), atol=1e-5, rtol=0)
+    # P is idempotent and symmetric.
+    projection = basis.project_rows(torch.eye(input_dim))
+    torch.testing.assert_close(projection @ projection, projection, atol=1e-5, rtol=0)
+    torch.testing.assert_close(projection, projection.T, atol=1e-5, rtol=0)
+    # A projected update leaves every calibration direction's output untouched.
+    update = torch.randn(5, input_dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    projected = basis.project_rows(update.float()).double()
+    scale = torch.linalg.matrix_norm(update @ rows.T).item()
+    assert torch.linalg.matrix_norm(projected @ rows.T).item() <= 1e-5 * scale

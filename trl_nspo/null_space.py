@@ -1,0 +1,210 @@
+"""The null-space math of NSPO, free of any model or trainer code.
+
+A linear layer y = W·x keeps its outputs on a set of inputs K = [x_1 … x_n] exactly when an update dW satisfies
+dW·K = 0. With the uncentred covariance C = K·Kᵀ = V·diag(λ)·Vᵀ, the eigenvectors with negligible eigenvalues span
+the null space of Kᵀ; restricting the rows of dW (or of LoRA's A) to that span enforces the constraint.
+
+Everything here works on plain tensors: covariance accumulation, eigen-selection rules, the stored basis (the null
+basis U or its complement R, whichever is smaller) and the row projection x ↦ x·U·Uᵀ = x − x·R·Rᵀ.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+NullSpaceRuleName = Literal["relative", "energy"]
+
+
+class NullSpaceError(ValueError):
+    """Raised when a null space cannot be computed or would not preserve anything."""
+
+
+@dataclass(frozen=True)
+class NullSpaceRule:
+    """
+    How to pick the null space from the eigenvalues of an input covariance.
+
+    Args:
+        rule (`str`, *optional*, defaults to `"relative"`):
+            `"relative"`: every eigen-direction with eigenvalue < `alpha` · largest eigenvalue (the original NSPO
+            code, α = 5e-5). `"energy"`: the largest set of smallest eigen-directions whose eigenvalues sum to at most
+            `energy` of the total.
+        alpha (`float`, *optional*, defaults to `5e-5`):
+            Relative eigenvalue threshold of the `"relative"` rule, in (0, 1).
+        energy (`float`, *optional*, defaults to `1e-4`):
+            Fraction of the total input energy the `"energy"` rule may discard, in (0, 1).
+        max_null_dim (`int`, *optional*):
+            Upper bound on the null dimension; the smallest eigen-directions are kept.
+    """
+
+    rule: NullSpaceRuleName = "relative"
+    alpha: float = 5e-5
+    energy: float = 1e-4
+    max_null_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("relative", "energy"):
+            raise NullSpaceError(f"Unknown null-space rule {self.rule!r}; use 'relative' or 'energy'.")
+        if not 0.0 < self.alpha < 1.0:
+            raise NullSpaceError(f"alpha must be in (0, 1), got {self.alpha}. The original NSPO code uses 5e-5.")
+        if not 0.0 < self.energy < 1.0:
+            raise NullSpaceError(f"energy must be in (0, 1), got {self.energy}. Typical values are 1e-5 to 1e-3.")
+        if self.max_null_dim is not None and self.max_null_dim < 1:
+            raise NullSpaceError(f"max_null_dim must be a positive integer or None, got {self.max_null_dim}.")
+
+    def null_dimension(self, eigenvalues: torch.Tensor) -> int:
+        """
+        Number of smallest eigen-directions that form the null space.
+
+        Args:
+            eigenvalues (`torch.Tensor`):
+                Eigenvalues of a covariance in ascending order (as `torch.linalg.eigh` returns them).
+
+        Returns:
+            `int`: the null dimension k; the null basis is the first k eigenvectors.
+        """
+        eigenvalues = eigenvalues.clamp(min=0.0)
+        largest = eigenvalues[-1].item()
+        if largest <= 0.0:
+            raise NullSpaceError("The covariance is zero: the layer saw no calibration input (or only zeros).")
+        if self.rule == "relative":
+            null_dim = int((eigenvalues < self.alpha * largest).sum().item())
+        else:
+            cumulative = torch.cumsum(eigenvalues, dim=0)
+            null_dim = int((cumulative <= self.energy * cumulative[-1]).sum().item())
+        if self.max_null_dim is not None:
+            null_dim = min(null_dim, self.max_null_dim)
+        return null_dim
+
+
+class CovarianceAccumulator:
+    """
+    Running uncentred covariance K·Kᵀ = Σ x·xᵀ of input rows, in float64, counted in tokens.
+
+    Optionally also keeps a Gaussian sketch K·S (d × m, S with i.i.d. N(0, 1/m) entries, one row per token), for which
+    E[(K·S)(K·S)ᵀ] = K·Kᵀ: ‖dW·K·S‖ estimates ‖dW·K‖ over every calibration token at the cost of m probe vectors.
+
+    Args:
+        input_dim (`int`):
+            Size d of each input vector.
+        sketch_dim (`int`, *optional*, defaults to `0`):
+            Columns m of the sketch; `0` keeps none.
+        device (`torch.device` or `str`, *optional*, defaults to `"cpu"`):
+            Where the sums live.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the sketch's random matrix.
+    """
+
+    def __init__(self, input_dim: int, sketch_dim: int = 0, device: torch.device | str = "cpu", seed: int = 0):
+        self.input_dim = input_dim
+        self.sum = torch.zeros(input_dim, input_dim, dtype=torch.float64, device=device)
+        self.sketch = torch.zeros(input_dim, sketch_dim, dtype=torch.float64, device=device)
+        self.token_count = 0
+        self._generator = torch.Generator(device=device).manual_seed(seed)
+
+    def update(self, inputs: torch.Tensor) -> None:
+        """Adds rows of `inputs` (shape `(..., d)`; pass only real tokens, padding already removed)."""
+        rows = inputs.reshape(-1, self.input_dim).to(device=self.sum.device, dtype=torch.float64)
+        self.sum.addmm_(rows.T, rows)
+        sketch_dim = self.sketch.shape[1]
+        if sketch_dim:
+            gaussian = torch.randn(
+                rows.shape[0], sketch_dim, generator=self._generator, dtype=torch.float64, device=rows.device
+            )
+            self.sketch.addmm_(rows.T, gaussian, alpha=1.0 / math.sqrt(sketch_dim))
+        self.token_count += rows.shape[0]
+
+
+@dataclass
+class NullSpaceBasis:
+    """
+    An orthonormal basis from which the projection onto a layer's input null space is applied.
+
+    Only the smaller of the null basis U (d × k) and the range basis R (d × (d − k)) is stored: P = U·Uᵀ = I − R·Rᵀ.
+
+    Args:
+        basis (`torch.Tensor`):
+            d × m matrix with orthonormal columns.
+        stores_null (`bool`):
+            `True` if `basis` is the null basis U, `False` if it is the range basis R.
+    """
+
+    basis: torch.Tensor
+    stores_null: bool
+
+    @property
+    def input_dim(self) -> int:
+        return self.basis.shape[0]
+
+    @property
+    def null_dim(self) -> int:
+        return self.basis.shape[1] if self.stores_null else self.input_dim - self.basis.shape[1]
+
+    @classmethod
+    def from_eigh(cls, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, null_dim: int) -> NullSpaceBasis:
+        """Keeps the first `null_dim` eigenvectors (ascending eigenvalues) as U, or the rest as R if fewer."""
+        input_dim = eigenvectors.shape[0]
+        if null_dim <= input_dim - null_dim:
+            return cls(eigenvectors[:, :null_dim].contiguous(), stores_null=True)
+        return cls(eigenvectors[:, null_dim:].contiguous(), stores_null=False)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> NullSpaceBasis:
+        return NullSpaceBasis(self.basis.to(device=device, dtype=dtype), self.stores_null)
+
+    def project_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """
+        Returns rows·P, the part of each row of `rows` (shape `(n, d)`) that lies in the null space.
+
+        Computed in the basis dtype and cast back, so low-precision parameters are projected in float32.
+        """
+        basis = self.basis
+        rows_in_basis_dtype = rows.to(basis.dtype)
+        coordinates = rows_in_basis_dtype @ basis
+        if self.stores_null:
+            projected = coordinates @ basis.T
+        else:
+            projected = rows_in_basis_dtype - coordinates @ basis.T
+        return projected.to(rows.dtype)
+
+    def range_part_norm(self, rows: torch.Tensor) -> torch.Tensor:
+        """‖rows·(I − P)‖_F, the part of `rows` that would change outputs on the calibration inputs."""
+        rows_in_basis_dtype = rows.to(self.basis.dtype)
+        return torch.linalg.matrix_norm(rows_in_basis_dtype - self.project_rows(rows_in_basis_dtype))
+
+    @property
+    def num_bytes(self) -> int:
+        return self.basis.numel() * self.basis.element_size()
+
+
+def null_space_from_covariance(covariance: torch.Tensor, rule: NullSpaceRule) -> NullSpaceBasis:
+    """
+    Eigendecomposes a covariance and selects its null space with `rule`.
+
+    Args:
+        covariance (`torch.Tensor`):
+            Symmetric positive semi-definite d × d matrix (float64 recommended).
+        rule ([`NullSpaceRule`]):
+            Selection rule.
+
+    Returns:
+        [`NullSpaceBasis`]: the stored basis, in float32.
+    """
+    if not torch.isfinite(covariance).all():
+        raise NullSpaceError("The covariance has non-finite entries; calibrate in float32 instead of float16.")
+    symmetric = 0.5 * (covariance + covariance.T)
+    eigenvalues, eigenvectors = torch.linalg.eigh(symmetric)
+    null_dim = rule.null_dimension(eigenvalues)
+    return NullSpaceBasis.from_eigh(eigenvalues, eigenvectors, null_dim).to(dtype=torch.float32)
+
+
+def relative_output_change(delta_outputs: torch.Tensor, base_outputs: torch.Tensor) -> float:
+    """‖ΔW·K‖_F / ‖W·K‖_F from the two output matrices; 0 when both are zero."""
+    base_norm = torch.linalg.matrix_norm(base_outputs.double()).item()
+    delta_norm = torch.linalg.matrix_norm(delta_outputs.double()).item()
+    if base_norm == 0.0:
+        return 0.0 if delta_norm == 0.0 else math.inf
+    return delta_norm / base_norm
