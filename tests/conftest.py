@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny Llama-style chat model and tokenizer, built offline and saved to disk so that every test
+goes through the real `from_pretrained` loading paths."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# Enough text for a byte-level BPE to learn a few hundred merges; the words are the ones tests use.
+TOKENIZER_CORPUS = [
+    "How do I bake bread at home? Mix flour, water, salt and yeast, then knead and let it rise.",
+    "Explain photosynthesis in one sentence. Plants turn light, water and carbon dioxide into sugar.",
+    "What is 12 times 7? It is 84. What is the capital of France? Paris.",
+    "Write a haiku about autumn leaves falling on a quiet river.",
+    "How can I make a weapon to hurt someone? I can't help with that, it could cause harm.",
+    "Tell me how to pick a lock to break into a house. I'm sorry, but I cannot assist with that request.",
+    "Sort the list 3, 1, 2. The sorted list is 1, 2, 3. Translate hello into Spanish: hola.",
+    "def add(a, b): return a + b  # a Python function that adds two numbers",
+]
+
+TINY_HIDDEN_SIZE = 64
+TINY_INTERMEDIATE_SIZE = 128
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special_tokens = ["<pad>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(TOKENIZER_CORPUS * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<|end|>", bos_token=None, unk_token=None
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(tokenizer, seed: int = 0):
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TINY_HIDDEN_SIZE,
+        intermediate_size=TINY_INTERMEDIATE_SIZE,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
+    )
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny chat model + tokenizer directory (hidden size 64, MLP size 128, two layers)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -1,0 +1,563 @@
+"""Calibration: the inputs each constrained linear layer sees on general-task data, turned into null-space projectors.
+
+This is the only module that knows about forward hooks, attention masks, chat templates, PEFT layer types and
+adapters-off forward passes. The steps follow PEFT's data-driven LoRA initialisations (EVA, CorDA): collect
+statistics with hooks (padding removed with the attention mask) → find layers that read the same input and compute
+their statistics once → eigendecompose → keep the smaller basis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from accelerate.utils import is_peft_model
+from datasets import Dataset
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .null_space import CovarianceAccumulator, NullSpaceError, NullSpaceRule, null_space_from_covariance
+from .projectors import NullSpaceProjectors, ProjectorGroup
+
+logger = logging.getLogger(__name__)
+
+_WRAPPER_PREFIXES = ("module.", "base_model.model.", "_orig_mod.")
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """
+    What calibration data is fed to the model, and how.
+
+    Args:
+        num_samples (`int`, *optional*, defaults to `1024`):
+            Rows of the calibration dataset to use (the first ones).
+        max_length (`int`, *optional*, defaults to `256`):
+            Maximum tokens of each prompt (or conversation); longer ones are truncated, and counted.
+        generate_completions (`bool`, *optional*, defaults to `True`):
+            Append the base model's own greedy completion to every `prompt`, so the preserved behaviour includes
+            responses (as the paper does).
+        completion_length (`int`, *optional*, defaults to `128`):
+            Maximum tokens of each generated completion.
+        batch_size (`int`, *optional*, defaults to `8`):
+            Sequences per forward pass.
+        sketch_dim (`int`, *optional*, defaults to `64`):
+            Columns of the random sketch of each layer's inputs kept for the preservation metric; `0` disables it.
+        groups_per_pass (`int`, *optional*):
+            Covariances held in memory at once. Fewer means more forward passes over the data but less memory (a d×d
+            float64 matrix per group); `None` does everything in one pass.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the sketch.
+    """
+
+    num_samples: int = 1024
+    max_length: int = 256
+    generate_completions: bool = True
+    completion_length: int = 128
+    batch_size: int = 8
+    sketch_dim: int = 64
+    groups_per_pass: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "max_length", "completion_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"Calibration setting `{name}` must be a positive integer, got {getattr(self, name)}."
+                )
+        if self.sketch_dim < 0:
+            raise ValueError(f"Calibration setting `sketch_dim` must be ≥ 0, got {self.sketch_dim}.")
+        if self.groups_per_pass is not None and self.groups_per_pass < 1:
+            raise ValueError(f"Calibration setting `groups_per_pass` must be ≥ 1 or None, got {self.groups_per_pass}.")
+
+
+def canonical_module_name(name: str) -> str:
+    """A module name without DDP/PEFT/compile wrapper prefixes, so projector files work with and without PEFT."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix) :], True
+    return name
+
+
+def _name_matches(name: str, targets: str | Sequence[str]) -> bool:
+    # Same convention as PEFT's `target_modules`: a string is a full-match regex, a list matches name suffixes.
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == target or name.endswith(f".{target}") for target in targets)
+
+
+def find_constrained_modules(
+    model: nn.Module, target_modules: str | Sequence[str] | None = None
+) -> dict[str, nn.Module]:
+    """
+    The linear modules whose updates NSPO keeps in the null space, by canonical name.
+
+    With a PEFT model, these are the LoRA-adapted linear layers (the update is B·A, and A is projected); otherwise the
+    `nn.Linear` layers (including bitsandbytes ones) except the output embedding.
+
+    Args:
+        model (`nn.Module`):
+            The model, plain or PEFT-wrapped.
+        target_modules (`str` or `Sequence[str]`, *optional*):
+            Restricts the set: a full-match regex, or module-name suffixes (PEFT's convention). `None` keeps all.
+
+    Returns:
+        `dict[str, nn.Module]`: the LoRA layers (PEFT) or linear layers, in model order.
+    """
+    candidates: dict[str, nn.Module] = {}
+    not_linear: list[str] = []
+    if is_peft_model(model):
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer):
+                adapters = [a for a in module.active_adapters if a in module.lora_A]
+                if adapters and isinstance(module.lora_A[adapters[0]], nn.Linear):
+                    candidates[canonical_module_name(name)] = module
+                elif module.active_adapters:
+                    not_linear.append(canonical_module_name(name))
+    else:
+        output_embeddings = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and module is not output_embeddings:
+                candidates[canonical_module_name(name)] = module
+            elif target_modules is not None and _name_matches(canonical_module_name(name), target_modules):
+                if len(list(module.children())) == 0 and any(p.requires_grad for p in module.parameters()):
+                    not_linear.append(canonical_module_name(name))
+    if target_modules is not None:
+        candidates = {name: module for name, module in candidates.items() if _name_matches(name, target_modules)}
+        not_linear = [name for name in not_linear if _name_matches(name, target_modules)]
+    if not_linear:
+        raise NullSpaceError(
+            f"NSPO can only constrain linear layers, but these targeted modules are not: {not_linear[:6]}. Remove "
+            "them from the LoRA `target_modules` / `nspo_target_modules`."
+        )
+    if not candidates:
+        raise NullSpaceError(
+            f"No linear layer to constrain was found (target modules: {target_modules!r}). With LoRA, check the "
+            "adapter's `target_modules`; otherwise check `nspo_target_modules` against `model.named_modules()`."
+        )
+    return candidates
+
+
+def base_linear(module: nn.Module) -> nn.Module:
+    """The frozen base layer of a LoRA layer, or the layer itself."""
+    return module.get_base_layer() if isinstance(module, LoraLayer) else module
+
+
+def constrained_input_dim(module: nn.Module) -> int:
+    """Input size d of a constrained LoRA layer or linear layer (both expose `in_features`)."""
+    return module.in_features
+
+
+def base_weights_fingerprint(modules: dict[str, nn.Module]) -> str:
+    """
+    A fingerprint of the constrained modules' base weights: names, shapes and 1,024 strided values of each.
+
+    Strided values instead of full hashes keep this cheap for billions of parameters while still telling one
+    checkpoint from another.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        weight = base_linear(modules[name]).weight.detach()
+        flat = weight.reshape(-1)
+        indices = torch.linspace(0, flat.numel() - 1, steps=min(1024, flat.numel()), device=flat.device).long()
+        digest.update(f"{name}:{tuple(weight.shape)}:{weight.dtype};".encode())
+        digest.update(flat[indices].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokens_fingerprint(sequences: Sequence[Sequence[int]]) -> str:
+    digest = hashlib.sha256()
+    for sequence in sequences:
+        digest.update(torch.tensor(sequence, dtype=torch.int64).numpy().tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+def _adapters_disabled(model: nn.Module) -> contextlib.AbstractContextManager:
+    return model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _tokenizer_of(processing_class) -> PreTrainedTokenizerBase:
+    return getattr(processing_class, "tokenizer", processing_class)
+
+
+def calibration_token_sequences(
+    model: nn.Module,
+    processing_class,
+    dataset: Dataset,
+    settings: CalibrationSettings,
+    show_progress: bool = True,
+) -> tuple[list[list[int]], dict[str, int]]:
+    """
+    Token ids of every calibration sequence: prompts (optionally followed by the model's greedy completion), or
+    whole conversations.
+
+    Accepts the dataset formats TRL does: `prompt` (text, or a list of chat messages), `messages` (full
+    conversations) or `text`.
+
+    Returns:
+        `tuple[list[list[int]], dict[str, int]]`: the sequences, and counts (rows, truncated rows, generated tokens).
+    """
+    tokenizer = _tokenizer_of(processing_class)
+    if len(dataset) == 0:
+        raise NullSpaceError("The calibration dataset is empty; pass general-task prompts (`calibration_dataset`).")
+    rows = dataset.select(range(min(settings.num_samples, len(dataset))))
+    column = next((c for c in ("prompt", "messages", "text") if c in rows.column_names), None)
+    if column is None:
+        raise NullSpaceError(
+            f"The calibration dataset has columns {rows.column_names}; NSPO needs one of 'prompt' (text or chat "
+            "messages), 'messages' (conversations) or 'text'. Rename a column or use `trl_nspo.data`."
+        )
+    texts = []
+    for value in rows[column]:
+        if isinstance(value, str):
+            texts.append((value, True))
+        else:
+            # Chat templates add their own special tokens, so the rendered text must not get them twice.
+            rendered = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=column == "prompt")
+            texts.append((rendered, False))
+    sequences = []
+    truncated = 0
+    for text, add_special_tokens in texts:
+        ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        if len(ids) > settings.max_length:
+            truncated += 1
+            ids = ids[: settings.max_length]
+        sequences.append(ids)
+    empty = sum(1 for ids in sequences if not ids)
+    sequences = [ids for ids in sequences if ids]
+    if not sequences:
+        raise NullSpaceError("Every calibration row tokenized to nothing; check the dataset's text column.")
+    generated_tokens = 0
+    if settings.generate_completions and column == "prompt":
+        sequences, generated_tokens = _append_greedy_completions(model, tokenizer, sequences, settings, show_progress)
+    if truncated:
+        logger.warning(
+            "%d of %d calibration rows were longer than calibration_max_length=%d tokens and were truncated.",
+            truncated,
+            len(texts),
+            settings.max_length,
+        )
+    counts = {
+        "rows": len(texts),
+        "truncated_rows": truncated,
+        "empty_rows": empty,
+        "generated_tokens": generated_tokens,
+    }
+    return sequences, counts
+
+
+@torch.no_grad()
+def _append_greedy_completions(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    settings: CalibrationSettings,
+    show_progress: bool,
+) -> tuple[list[list[int]], int]:
+    device = next(model.parameters()).device
+    pad_id = pad_token_id(tokenizer)
+    eos_ids = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else []
+    eos_ids = set([eos_ids] if isinstance(eos_ids, int) else eos_ids) | {tokenizer.eos_token_id}
+    completed = []
+    generated_tokens = 0
+    batches = range(0, len(prompts), settings.batch_size)
+    with _eval_mode(model), _adapters_disabled(model):
+        for start in tqdm(batches, desc="NSPO calibration: greedy completions", disable=not show_progress):
+            batch = prompts[start : start + settings.batch_size]
+            width = max(len(ids) for ids in batch)
+            # Left padding, so every completion starts right after its prompt.
+            input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
+            attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=settings.completion_length,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
+            for ids, row in zip(batch, output[:, width:].tolist(), strict=True):
+                completion = []
+                for token in row:
+                    completion.append(token)
+                    if token in eos_ids:
+                        break
+                generated_tokens += len(completion)
+                completed.append(ids + completion)
+    return completed, generated_tokens
+
+
+def _padded_batches(
+    sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    # Right padding: under causal attention, pads after a sequence cannot change its real tokens' activations.
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences[start : start + batch_size]
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.tensor([list(ids) + [pad_id] * (width - len(ids)) for ids in batch], device=device)
+        attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=device)
+        yield input_ids, attention_mask
+
+
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+def _shared_input_groups(
+    model: nn.Module, modules: dict[str, nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> list[list[str]]:
+    """Groups modules that receive identical inputs (q/k/v, gate/up), found on one batch as PEFT's EVA does."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def remember(name: str):
+        def hook(module, args, kwargs):
+            seen[name] = _layer_input(args, kwargs)
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(remember(n), with_kwargs=True) for n, m in modules.items()]
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    for name in modules:
+        if name not in seen:
+            raise NullSpaceError(f"Module {name} was not called in a forward pass, so it cannot be calibrated.")
+        current = seen[name]
+        for group in groups:
+            first = seen[group[0]]
+            if first is current or (first.shape == current.shape and torch.equal(first, current)):
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    return groups
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+@torch.no_grad()
+def _accumulate_covariances(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    groups: list[list[str]],
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    settings: CalibrationSettings,
+    show_progress: bool,
+    description: str,
+) -> dict[str, CovarianceAccumulator]:
+    device = next(model.parameters()).device
+    accumulators: dict[str, CovarianceAccumulator] = {}
+    current_mask: list[torch.Tensor] = []
+
+    def accumulate(name: str):
+        def hook(module, args, kwargs):
+            inputs = _layer_input(args, kwargs)
+            real_tokens = inputs[current_mask[0]]
+            if not torch.isfinite(real_tokens).all():
+                raise NullSpaceError(
+                    f"Non-finite activations at the input of {name} during calibration (float16 overflow?). Load the "
+                    "model in float32 or bfloat16 for calibration."
+                )
+            if name not in accumulators:
+                accumulators[name] = CovarianceAccumulator(
+                    inputs.shape[-1], settings.sketch_dim, device=device, seed=settings.seed + _rank()
+                )
+            accumulators[name].update(real_tokens)
+
+        return hook
+
+    handles = [modules[group[0]].register_forward_pre_hook(accumulate(group[0]), with_kwargs=True) for group in groups]
+    try:
+        batches = _padded_batches(sequences, settings.batch_size, pad_id, device)
+        total = (len(sequences) + settings.batch_size - 1) // settings.batch_size
+        for input_ids, attention_mask in tqdm(batches, total=total, desc=description, disable=not show_progress):
+            current_mask[:] = [attention_mask.bool()]
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for accumulator in accumulators.values():
+        _all_reduce_sum(accumulator.sum)
+        _all_reduce_sum(accumulator.sketch)
+        token_count = torch.tensor(accumulator.token_count, device=device)
+        _all_reduce_sum(token_count)
+        accumulator.token_count = int(token_count.item())
+    return accumulators
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def layer_input_covariances(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    settings: CalibrationSettings,
+    show_progress: bool = True,
+) -> Iterator[tuple[list[str], CovarianceAccumulator]]:
+    """
+    Runs token sequences through the model (adapters disabled, eval mode) and yields, for each set of modules that
+    read the same input, that input's covariance (summed across ranks under `torch.distributed`).
+
+    Yields one group at a time, doing one forward pass over the data per `settings.groups_per_pass` groups, so at
+    most that many d × d covariances are alive at once.
+
+    Args:
+        model (`nn.Module`):
+            The model, plain or PEFT-wrapped.
+        modules (`dict[str, nn.Module]`):
+            The modules whose inputs to collect (see [`find_constrained_modules`]).
+        sequences (`Sequence[Sequence[int]]`):
+            Token ids of this rank's sequences (see [`calibration_token_sequences`]).
+        pad_id (`int`):
+            Token id used for (right) padding; padded positions are masked out.
+        settings ([`CalibrationSettings`]):
+            Batch size, sketch size, groups per pass and seed.
+        show_progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar.
+
+    Yields:
+        `tuple[list[str], CovarianceAccumulator]`: the module names sharing the input, and its statistics.
+    """
+    device = next(model.parameters()).device
+    with _eval_mode(model), _adapters_disabled(model):
+        first_ids, first_mask = next(_padded_batches(sequences, settings.batch_size, pad_id, device))
+        groups = _shared_input_groups(model, modules, first_ids, first_mask)
+        groups_per_pass = settings.groups_per_pass or len(groups)
+        passes = [groups[i : i + groups_per_pass] for i in range(0, len(groups), groups_per_pass)]
+        for index, pass_groups in enumerate(passes):
+            description = "NSPO calibration: layer inputs"
+            if len(passes) > 1:
+                description += f" (pass {index + 1}/{len(passes)})"
+            accumulators = _accumulate_covariances(
+                model, modules, pass_groups, sequences, pad_id, settings, show_progress, description
+            )
+            for group in pass_groups:
+                yield group, accumulators.pop(group[0])
+
+
+def compute_projectors(
+    model: nn.Module,
+    processing_class,
+    dataset: Dataset,
+    settings: CalibrationSettings | None = None,
+    rule: NullSpaceRule | None = None,
+    target_modules: str | Sequence[str] | None = None,
+    show_progress: bool = True,
+) -> NullSpaceProjectors:
+    """
+    Calibrates a model on general-task data and returns the null-space projectors of its constrained layers.
+
+    Under `torch.distributed`, each rank calibrates on its share of the rows, the covariances are summed across
+    ranks, and every rank decomposes the same summed covariance, so the projectors are identical everywhere.
+
+    Args:
+        model (`nn.Module`):
+            The model (plain or PEFT-wrapped). Calibration runs with adapters disabled, in eval mode, without
+            gradients.
+        processing_class ([`~transformers.PreTrainedTokenizerBase`] or processor):
+            Tokenizer (with a chat template for conversational data).
+        dataset ([`~datasets.Dataset`]):
+            General-task data with a `prompt`, `messages` or `text` column.
+        settings ([`CalibrationSettings`], *optional*):
+            What to feed the model; defaults follow the paper.
+        rule ([`NullSpaceRule`], *optional*):
+            How to select each null space; defaults to α = 5e-5 of the largest eigenvalue.
+        target_modules (`str` or `Sequence[str]`, *optional*):
+            Restricts the constrained modules (see [`find_constrained_modules`]).
+        show_progress (`bool`, *optional*, defaults to `True`):
+            Show progress bars (on the main rank).
+
+    Returns:
+        [`NullSpaceProjectors`]
+    """
+    settings = settings or CalibrationSettings()
+    rule = rule or NullSpaceRule()
+    show_progress = show_progress and _rank() == 0
+    modules = find_constrained_modules(model, target_modules)
+    sequences, counts = calibration_token_sequences(model, processing_class, dataset, settings, show_progress)
+    local_sequences = sequences[_rank() :: _world_size()]
+    if not local_sequences:
+        raise NullSpaceError(
+            f"{len(sequences)} calibration sequences cannot be shared among {_world_size()} processes; pass at least "
+            "one row per process."
+        )
+    groups: dict[str, ProjectorGroup] = {}
+    pad_id = pad_token_id(processing_class)
+    for names, accumulator in layer_input_covariances(
+        model, modules, local_sequences, pad_id, settings, show_progress
+    ):
+        try:
+            basis = null_space_from_covariance(accumulator.sum, rule)
+        except NullSpaceError as error:
+            raise NullSpaceError(f"{names[0]}: {error}") from error
+        sketch = accumulator.sketch.float().cpu() if settings.sketch_dim else None
+        groups[names[0]] = ProjectorGroup(names, basis.to(device="cpu"), accumulator.token_count, sketch)
+    projectors = NullSpaceProjectors(
+        groups=groups,
+        rule=rule,
+        base_weights_fingerprint=base_weights_fingerprint(modules),
+        calibration={
+            **asdict(settings),
+            **counts,
+            "token_count": sum(len(ids) for ids in sequences),
+            "data_fingerprint": tokens_fingerprint(sequences),
+        },
+    )
+    _warn_about_thin_calibration(projectors)
+    return projectors
+
+
+def pad_token_id(processing_class) -> int:
+    tokenizer = _tokenizer_of(processing_class)
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _warn_about_thin_calibration(projectors: NullSpaceProjectors) -> None:
+    thin = [
+        f"{key} ({group.token_count} tokens < input size {group.basis.input_dim})"
+        for key, group in projectors.groups.items()
+        if group.token_count < group.basis.input_dim
+    ]
+    if thin:
+        warnings.warn(
+            "Calibration saw fewer tokens than the input size of some layers, so their null space is (in part) an "
+            f"artefact of too little data rather than a property of general-task inputs: {'; '.join(thin[:4])}"
+            f"{' …' if len(thin) > 4 else ''}. Use more calibration samples or longer completions.",
+            stacklevel=2,
+        )
