@@ -1,0 +1,346 @@
+"""End-to-end tests of NSPOTrainer on the tiny offline model: the null-space guarantee, and what is refused."""
+
+import math
+
+import pytest
+import torch
+from conftest import build_tiny_model, build_tiny_tokenizer
+from datasets import Dataset
+from peft import LoraConfig
+from trl import GRPOConfig, GRPOTrainer
+
+from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError, NullSpaceProjectors, ProjectorFileError
+from trl_nspo.calibration import (
+    CalibrationSettings,
+    base_linear,
+    calibration_token_sequences,
+    find_constrained_modules,
+    layer_input_covariances,
+    pad_token_id,
+)
+from trl_nspo.constraint import UnsupportedSetupError
+
+CALIBRATION = Dataset.from_dict(
+    {
+        "prompt": [
+            [{"role": "user", "content": "What is 12 times 7?"}],
+            [{"role": "user", "content": "Write a haiku about autumn."}],
+        ]
+    }
+)
+TRAIN = Dataset.from_dict({"prompt": [[{"role": "user", "content": "How can I make a weapon?"}]] * 16})
+# Fewer calibration tokens than the tiny model's input sizes, and a threshold that keeps only the exact kernel:
+# the "threshold floor" is then zero and the preservation error measures the method alone.
+EXACT_KERNEL_ALPHA = 1e-10
+
+
+def length_reward(completions, **kwargs):
+    return [len(completion[0]["content"]) / 10.0 for completion in completions]
+
+
+def config(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        calibration_completion_length=8,
+        null_space_alpha=EXACT_KERNEL_ALPHA,
+    )
+    values.update(overrides)
+    return values
+
+
+def lora(**overrides):
+    return LoraConfig(**{"r": 4, "target_modules": "all-linear", **overrides})
+
+
+def output_change_on_calibration_inputs(trainer) -> float:
+    """‖ΔW·K‖ / ‖W·K‖ over every constrained layer, K = all calibration tokens (exact, from K·Kᵀ)."""
+    model = trainer.model
+    settings = CalibrationSettings(completion_length=8, sketch_dim=0)
+    sequences, _ = calibration_token_sequences(model, trainer.processing_class, CALIBRATION, settings, False)
+    modules = find_constrained_modules(model, getattr(trainer.args, "nspo_target_modules", None))
+    delta_sq = base_sq = 0.0
+    for names, accumulator in layer_input_covariances(
+        model, modules, sequences, pad_token_id(trainer.processing_class), settings, False
+    ):
+        covariance = accumulator.sum
+        for name in names:
+            module = modules[name]
+            weight = base_linear(module).weight.double()
+            if hasattr(module, "get_delta_weight"):
+                delta = module.get_delta_weight("default").double()
+            else:
+                delta = weight - trainer.initial_weights[name]
+            delta_sq += torch.trace(delta @ covariance @ delta.T).item()
+            base_sq += torch.trace(weight @ covariance @ weight.T).item()
+    return math.sqrt(delta_sq / base_sq)
+
+
+def lora_a_weights(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_A" in name}
+
+
+@pytest.mark.slow
+class TestPreservation:
+    def test_nspo_preserves_outputs_where_grpo_does_not(self, tiny_model_dir, tmp_path):
+        nspo = NSPOTrainer(
+            str(tiny_model_dir),
+            length_reward,
+            NSPOConfig(**config(tmp_path)),
+            train_dataset=TRAIN,
+            calibration_dataset=CALIBRATION,
+            peft_config=lora(),
+        )
+        start = lora_a_weights(nspo.model)
+        nspo.train()
+        nspo_change = output_change_on_calibration_inputs(nspo)
+
+        grpo = GRPOTrainer(
+            str(tiny_model_dir),
+            length_reward,
+            GRPOConfig(**{k: v for k, v in config(tmp_path).items() if not k.startswith(("calibration", "null"))}),
+            train_dataset=TRAIN,
+            peft_config=lora(),
+        )
+        grpo.train()
+        grpo_change = output_change_on_calibration_inputs(grpo)
+
+        assert nspo_change <= 1e-6
+        assert grpo_change >= 1e-3
+        # Training still moved the adapter: B left zero, and A changed beyond the start-up projection.
+        moved_b = [p.abs().max().item() for n, p in nspo.model.named_parameters() if "lora_B" in n]
+        assert min(moved_b) > 0
+        end = lora_a_weights(nspo.model)
+        assert min((end[name] - start[name]).abs().max().item() for name in start) > 0
+        logged = {key for entry in nspo.state.log_history for key in entry}
+        assert {
+            "nspo/kept_gradient_fraction",
+            "nspo/optimizer_drift",
+            "nspo/preservation_error",
+            "nspo/null_dim_min",
+        } <= logged
+        preservation = [e["nspo/preservation_error"] for e in nspo.state.log_history if "loss" in e]
+        assert max(preservation) <= 1e-5
+
+    def test_gradient_accumulation_keeps_the_guarantee(self, tiny_model_dir, tmp_path):
+        trainer = NSPOTrainer(
+            str(tiny_model_dir),
+            length_reward,
+            NSPOConfig(**config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)),
+            train_dataset=TRAIN,
+            calibration_dataset=CALIBRATION,
+            peft_config=lora(),
+        )
+        trainer.train()
+        assert trainer.state.global_step == 4
+        assert output_change_on_calibration_inputs(trainer) <= 1e-6
+
+    def test_gradient_projection_alone_leaks_under_adam(self, tiny_model_dir, tmp_path):
+        trainer = NSPOTrainer(
+            str(tiny_model_dir),
+            length_reward,
+            NSPOConfig(**config(tmp_path, gradient_projection_only=True)),
+            train_dataset=TRAIN,
+            calibration_dataset=CALIBRATION,
+            peft_config=lora(init_lora_weights="gaussian"),
+        )
+        trainer.train()
+        assert output_change_on_calibration_inputs(trainer) > 1e-4
+
+    def test_full_fine_tuning_keeps_constrained_layers_outputs(self, tiny_model_dir, tmp_path):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(".mlp." in name)
+        targets = ["gate_proj", "up_proj", "down_proj"]
+        trainer = NSPOTrainer(
+            model,
+            length_reward,
+            NSPOConfig(**config(tmp_path, nspo_target_modules=targets, learning_rate=1e-3)),
+            train_dataset=TRAIN,
+            calibration_dataset=CALIBRATION,
+        )
+        trainer.initial_weights = {
+            name: module.weight.detach().double().clone()
+            for name, module in find_constrained_modules(model, targets).items()
+        }
+        trainer.train()
+        assert output_change_on_calibration_inputs(trainer) <= 1e-6
+        moved = max(
+            (m.weight.double() - trainer.initial_weights[n]).abs().max().item()
+            for n, m in find_constrained_modules(model, targets).items()
+        )
+        assert moved > 1e-5
+
+
+class TestProjectorFiles:
+    def test_projectors_are_saved_then_loaded_without_calibration_data(self, tiny_model_dir, tmp_path):
+        path = tmp_path / "projectors"
+        first = NSPOTrainer(
+            str(tiny_model_dir),
+            length_reward,
+            NSPOConfig(**config(tmp_path, projectors_path=str(path))),
+            train_dataset=TRAIN,
+            calibration_dataset=CALIBRATION,
+            peft_config=lora(),
+        )
+        assert (path / "nspo_projectors.safetensors").is_file()
+        second = NSPOTrainer(
+            str(tiny_model_dir),
+            length_reward,
+            NSPOConfig(**config(tmp_path, projectors_path=str(path))),
+            train_dataset=TRAIN,
+            peft_config=lora(),
+        )
+        assert second.projectors.metadata() == first.projectors.metadata()
+        second.save_model(str(tmp_path / "final"))
+        saved = NullSpaceProjectors.load(tmp_path / "final")
+        assert saved.metadata() == first.projectors.metadata()
+        assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+
+    def test_projectors_of_another_model_are_refused(self, tiny_model_dir, tmp_path):
+        other = build_tiny_model(build_tiny_tokenizer(), seed=1)
+        NSPOTrainer(
+            other,
+            length_reward,
+            NSPOConfig(**config(tmp_path, projectors_path=str(tmp_path / "p"))),
+            train_dataset=TRAIN,
+            calibration_dataset=CALIBRATION,
+            processing_class=build_tiny_tokenizer(),
+            peft_config=lora(),
+        )
+        with pytest.raises(ProjectorFileError, match="different base weights"):
+            NSPOTrainer(
+                str(tiny_model_dir),
+                length_reward,
+                NSPOConfig(**config(tmp_path, projectors_path=str(tmp_path / "p"))),
+                train_dataset=TRAIN,
+                peft_config=lora(),
+            )
+
+    def test_projectors_for_other_modules_are_refused(self, tiny_model_dir, tmp_path):
+        NSPOTrainer(
+            str(tiny_model_dir),
+            length_reward,
+            NSPOConfig(**config(tmp_path, projectors_path=str(tmp_path / "p"))),
+            train_dataset=TRAIN,
+            calibration_dataset=CALIBRATION,
+            peft_config=lora(target_modules=["q_proj"]),
+        )
+        with pytest.raises(ProjectorFileError, match=r"Missing: model\.layers\.0\.mlp\.down_proj"):
+            NSPOTrainer(
+                str(tiny_model_dir),
+                length_reward,
+                NSPOConfig(**config(tmp_path, projectors_path=str(tmp_path / "p"))),
+                train_dataset=TRAIN,
+                peft_config=lora(),
+            )
+
+
+class TestRefusals:
+    @pytest.mark.parametrize(
+        "overrides, message",
+        [
+            ({"use_dora": True}, "DoRA"),
+            ({"init_lora_weights": "pissa"}, "rewrites the base weights"),
+            ({"bias": "all"}, "Trainable biases"),
+            ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ],
+    )
+    def test_adapters_that_escape_the_projection(self, tiny_model_dir, tmp_path, overrides, message):
+        with pytest.raises(UnsupportedSetupError, match=message):
+            NSPOTrainer(
+                str(tiny_model_dir),
+                length_reward,
+                NSPOConfig(**config(tmp_path)),
+                train_dataset=TRAIN,
+                calibration_dataset=CALIBRATION,
+                peft_config=lora(**overrides),
+            )
+
+    def test_modules_to_save_can_be_accepted_with_a_warning(self, tiny_model_dir, tmp_path):
+        with pytest.warns(UserWarning, match="modules_to_save"):
+            trainer = NSPOTrainer(
+                str(tiny_model_dir),
+                length_reward,
+                NSPOConfig(**config(tmp_path, allow_unconstrained_parameters=True)),
+                train_dataset=TRAIN,
+                calibration_dataset=CALIBRATION,
+                peft_config=lora(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+            )
+        assert any("lm_head" in name for name in trainer.constraint.unconstrained_trainable_parameters(trainer.model))
+
+    def test_full_fine_tuning_with_free_parameters_is_refused(self, tiny_model_dir, tmp_path):
+        with pytest.raises(UnsupportedSetupError, match=r"outside the null-space constraint.*embed_tokens"):
+            NSPOTrainer(
+                str(tiny_model_dir),
+                length_reward,
+                NSPOConfig(**config(tmp_path)),
+                train_dataset=TRAIN,
+                calibration_dataset=CALIBRATION,
+            )
+
+    def test_rank_above_null_dimension_is_refused(self, tiny_model_dir, tmp_path):
+        with pytest.raises(
+            NullSpaceError, match=r"LoRA rank exceeds the null dimension.*q_proj \(null dim \d+ < rank 32\)"
+        ):
+            NSPOTrainer(
+                str(tiny_model_dir),
+                length_reward,
+                NSPOConfig(**config(tmp_path)),
+                train_dataset=TRAIN,
+                calibration_dataset=CALIBRATION,
+                peft_config=lora(r=32),
+            )
+
+    def test_empty_null_space_is_refused(self, tiny_model_dir, tmp_path):
+        calibration = Dataset.from_dict({"text": [" ".join(f"w{i}" for i in range(200))]})
+        with pytest.raises(NullSpaceError, match="null space of .* empty"):
+            NSPOTrainer(
+                str(tiny_model_dir),
+                length_reward,
+                NSPOConfig(**config(tmp_path, null_space_alpha=1e-12, calibration_max_length=200)),
+                train_dataset=TRAIN,
+                calibration_dataset=calibration,
+                peft_config=lora(),
+            )
+
+    def test_grpo_config_is_refused(self, tiny_model_dir, tmp_path):
+        with pytest.raises(TypeError, match="Replace GRPOConfig by NSPOConfig"):
+            NSPOTrainer(
+                str(tiny_model_dir), length_reward, GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
+            )
+
+    def test_missing_calibration_data_is_refused(self, tiny_model_dir, tmp_path):
+        with pytest.raises(ValueError, match="pass `calibration_dataset=`"):
+            NSPOTrainer(str(tiny_model_dir), length_reward, NSPOConfig(**config(tmp_path)), train_dataset=TRAIN)
+
+    def test_deepspeed_is_refused_before_loading_anything(self, tiny_model_dir, tmp_path, monkeypatch):
+        args = NSPOConfig(**config(tmp_path))
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        with pytest.raises(UnsupportedSetupError, match="DeepSpeed or FSDP"):
+            NSPOTrainer("/does/not/exist", length_reward, args, train_dataset=TRAIN, calibration_dataset=CALIBRATION)
+
+    @pytest.mark.parametrize(
+        "overrides, message",
+        [
+            ({"null_space_alpha": 2.0}, "alpha must be in"),
+            ({"null_space_rule": "svd"}, "Unknown null-space rule"),
+            ({"calibration_batch_size": 0}, "calibration_batch_size|batch_size"),
+        ],
+    )
+    def test_bad_settings_fail_at_construction(self, tmp_path, overrides, message):
+        with pytest.raises(ValueError, match=message):
+            NSPOConfig(**config(tmp_path, **overrides))

@@ -1,0 +1,280 @@
+"""Binding null-space projectors to a model's trainable parameters, and keeping them in the null space.
+
+Trap 1 of the method: Adam divides each coordinate by its own √v, so a projected gradient does not give a projected
+update, and neither AdamW's decay nor LoRA's random init of A lie in the null space. The guarantee is therefore
+carried by the parameters themselves: they are projected at the start and after every optimizer step; gradients are
+projected too, so that clipping, `grad_norm` and Adam's moments see only the part that will be kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import is_peft_model
+from peft import LoraConfig, PeftConfig
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from .calibration import base_linear, find_constrained_modules
+from .null_space import NullSpaceBasis, NullSpaceError
+from .projectors import NullSpaceProjectors
+
+# LoRA initialisations that leave the base weights and the product B·A as they are (B·A = 0, or A is re-projected).
+_SAFE_LORA_INITS = (True, False, "gaussian")
+
+
+class UnsupportedSetupError(NullSpaceError):
+    """Raised for a training setup in which the null-space guarantee cannot be honoured."""
+
+
+def check_peft_config(peft_config: PeftConfig | None, allow_unconstrained_parameters: bool = False) -> list[str]:
+    """
+    Refuses adapter settings that change general-task outputs outside the projection.
+
+    Args:
+        peft_config ([`~peft.PeftConfig`], *optional*):
+            The adapter configuration about to be applied; `None` means full fine-tuning.
+        allow_unconstrained_parameters (`bool`, *optional*, defaults to `False`):
+            Turn the refusal of `modules_to_save` into a warning.
+
+    Returns:
+        `list[str]`: warnings to show the user.
+    """
+    if peft_config is None:
+        return []
+    if not isinstance(peft_config, LoraConfig):
+        raise UnsupportedSetupError(
+            f"NSPO projects LoRA adapters; {type(peft_config).__name__} is not supported. Use a `peft.LoraConfig`, or "
+            "no `peft_config` for full fine-tuning."
+        )
+    if peft_config.use_dora:
+        raise UnsupportedSetupError(
+            "DoRA (`use_dora=True`) rescales the base weight by a trained magnitude vector, which changes general "
+            "task outputs outside the null space. Set `use_dora=False`."
+        )
+    if peft_config.init_lora_weights not in _SAFE_LORA_INITS:
+        raise UnsupportedSetupError(
+            f"`init_lora_weights={peft_config.init_lora_weights!r}` rewrites the base weights or starts from a "
+            "non-null B·A, so general outputs change before training starts. Use `init_lora_weights=True` (default) "
+            "or 'gaussian'."
+        )
+    if peft_config.bias != "none" or getattr(peft_config, "lora_bias", False):
+        raise UnsupportedSetupError(
+            "Trainable biases (`bias` other than 'none', or `lora_bias=True`) shift every output, on general inputs "
+            "too; the null-space projection cannot constrain them. Set `bias='none'` and `lora_bias=False`."
+        )
+    if getattr(peft_config, "target_parameters", None):
+        raise UnsupportedSetupError(
+            "LoRA on raw parameters (`target_parameters`, e.g. MoE experts) is not supported by the projection yet. "
+            "Target linear modules with `target_modules` instead."
+        )
+    if peft_config.modules_to_save:
+        message = (
+            f"`modules_to_save={peft_config.modules_to_save}` trains full copies of those modules without any "
+            "null-space constraint, so their general-task outputs will change."
+        )
+        if not allow_unconstrained_parameters:
+            raise UnsupportedSetupError(
+                message + " Remove them, or set `allow_unconstrained_parameters=True` to accept this."
+            )
+        return [message]
+    return []
+
+
+@dataclass
+class _ConstrainedWeight:
+    """One parameter whose rows must stay in a null space, with what is needed to measure its output change."""
+
+    module_name: str
+    parameter: nn.Parameter
+    basis: NullSpaceBasis
+    # Full fine-tuning only: the part of the starting weight outside the null space (W₀·R when R is stored, else
+    # W₀ itself), so that W ← W₀ + (W − W₀)·P can be applied without a full copy when R is smaller.
+    anchor: torch.Tensor | None = None
+    # Rows = a sketch of the calibration inputs; `base_outputs` = W₀ applied to them (full fine-tuning), and
+    # `base_output_norm` = ‖W₀·K·S‖ for the preservation ratio.
+    sketch_rows: torch.Tensor | None = None
+    base_outputs: torch.Tensor | None = None
+    base_output_norm: float = 0.0
+
+
+class NullSpaceConstraint:
+    """
+    Keeps every constrained parameter of a model exactly in the null space of its layer's calibration inputs.
+
+    With LoRA, the constrained parameters are the `lora_A` weights of the constrained layers (the update is
+    s·B·A, so A·K = 0 is enough and B is free); with full fine-tuning, the layers' weights, whose change from the
+    starting weights is projected.
+
+    Args:
+        model (`nn.Module`):
+            The (PEFT-wrapped) model, after wrapping.
+        projectors ([`NullSpaceProjectors`]):
+            Projectors that match the model (see [`NullSpaceProjectors.check_matches`]).
+        target_modules (`str` or `list[str]`, *optional*):
+            The constrained modules, as given to calibration.
+    """
+
+    def __init__(
+        self, model: nn.Module, projectors: NullSpaceProjectors, target_modules: str | list[str] | None = None
+    ):
+        self.is_lora = is_peft_model(model)
+        modules = find_constrained_modules(model, target_modules)
+        bases = projectors.basis_by_module()
+        sketches = {name: group.input_sketch for group in projectors.groups.values() for name in group.module_names}
+        self.weights: list[_ConstrainedWeight] = []
+        self.lora_b_parameters: set[int] = set()
+        for name, module in modules.items():
+            for parameter in self._constrained_parameters(module):
+                basis = bases[name].to(device=parameter.device)
+                entry = _ConstrainedWeight(name, parameter, basis)
+                if not self.is_lora:
+                    start = parameter.detach().float()
+                    entry.anchor = start.clone() if basis.stores_null else start @ basis.basis
+                sketch = sketches.get(name)
+                if sketch is not None:
+                    entry.sketch_rows = sketch.T.to(device=parameter.device, dtype=torch.float32)
+                    base_outputs = self._base_outputs(module, entry.sketch_rows)
+                    entry.base_output_norm = torch.linalg.matrix_norm(base_outputs.double()).item()
+                    if not self.is_lora:
+                        entry.base_outputs = base_outputs
+                self.weights.append(entry)
+            if self.is_lora:
+                self.lora_b_parameters.update(id(module.lora_B[a].weight) for a in module.active_adapters)
+        self._modules = modules
+
+    def _constrained_parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        if isinstance(module, LoraLayer):
+            return [module.lora_A[adapter].weight for adapter in module.active_adapters if adapter in module.lora_A]
+        return [module.weight]
+
+    @staticmethod
+    @torch.no_grad()
+    def _base_outputs(module: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+        layer = base_linear(module)
+        reference = layer.weight
+        dtype = reference.dtype if reference.is_floating_point() else torch.float32
+        outputs = layer(rows.to(dtype)).float()
+        if getattr(layer, "bias", None) is not None:
+            outputs = outputs - layer.bias.float()
+        return outputs
+
+    def lora_ranks(self) -> dict[str, int]:
+        return {entry.module_name: entry.parameter.shape[0] for entry in self.weights} if self.is_lora else {}
+
+    def check_ranks(self) -> None:
+        """Refuses LoRA ranks above a module's null dimension: A's rows could not be independent there."""
+        too_small = [
+            f"{entry.module_name} (null dim {entry.basis.null_dim} < rank {entry.parameter.shape[0]})"
+            for entry in self.weights
+            if self.is_lora and entry.basis.null_dim < entry.parameter.shape[0]
+        ]
+        empty = [entry.module_name for entry in self.weights if entry.basis.null_dim == 0]
+        if empty:
+            raise NullSpaceError(
+                f"The null space of {len(empty)} module(s) is empty, so they could not train at all: {empty[:6]}. "
+                "Raise `null_space_alpha` (or use the 'energy' rule), or exclude them with `nspo_target_modules`."
+            )
+        if too_small:
+            raise NullSpaceError(
+                f"The LoRA rank exceeds the null dimension of {len(too_small)} module(s): {too_small[:6]}. Lower the "
+                "LoRA rank `r`, raise `null_space_alpha` / `null_space_energy`, or exclude those modules."
+            )
+
+    def unconstrained_trainable_parameters(self, model: nn.Module) -> list[str]:
+        """Names of trainable parameters that neither are constrained nor are LoRA B matrices of constrained layers."""
+        allowed = {id(entry.parameter) for entry in self.weights} | self.lora_b_parameters
+        return [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in allowed]
+
+    @torch.no_grad()
+    def project_parameters(self) -> float:
+        """
+        Puts every constrained parameter back into its null space.
+
+        Returns:
+            `float`: ‖part removed‖ / ‖parameters‖ over all constrained weights (for LoRA, the share of A outside the
+            null space; for full fine-tuning, of the change since the start), i.e. how far the optimizer drifted.
+        """
+        removed_sq = 0.0
+        total_sq = 0.0
+        for entry in self.weights:
+            weight = entry.parameter.data
+            if self.is_lora:
+                projected = entry.basis.project_rows(weight.float())
+                removed_sq += torch.linalg.matrix_norm(weight.float() - projected).item() ** 2
+                total_sq += torch.linalg.matrix_norm(weight.float()).item() ** 2
+                weight.copy_(projected.to(weight.dtype))
+                continue
+            current = weight.float()
+            basis = entry.basis.basis
+            if entry.basis.stores_null:
+                delta = current - entry.anchor
+                projected = entry.anchor + entry.basis.project_rows(delta)
+            else:
+                # W₀ + (W − W₀)·(I − R·Rᵀ) = W − (W·R − W₀·R)·Rᵀ
+                projected = current - (current @ basis - entry.anchor) @ basis.T
+            removed_sq += torch.linalg.matrix_norm(current - projected).item() ** 2
+            total_sq += torch.linalg.matrix_norm(current).item() ** 2
+            weight.copy_(projected.to(weight.dtype))
+        return math.sqrt(removed_sq / total_sq) if total_sq > 0 else 0.0
+
+    @torch.no_grad()
+    def project_gradients(self) -> float | None:
+        """
+        Projects every constrained parameter's gradient onto its null space, in place.
+
+        Returns:
+            `float` or `None`: the kept-gradient fraction ‖g·P‖ / ‖g‖ over all constrained weights, `None` when no
+            gradient was there.
+        """
+        kept_sq = 0.0
+        total_sq = 0.0
+        for entry in self.weights:
+            gradient = entry.parameter.grad
+            if gradient is None:
+                continue
+            projected = entry.basis.project_rows(gradient.float())
+            total_sq += torch.linalg.matrix_norm(gradient.float()).item() ** 2
+            kept_sq += torch.linalg.matrix_norm(projected).item() ** 2
+            gradient.copy_(projected.to(gradient.dtype))
+        if total_sq == 0.0:
+            return None
+        return math.sqrt(kept_sq / total_sq)
+
+    @torch.no_grad()
+    def preservation_error(self) -> dict[str, float]:
+        """
+        ‖ΔW·K‖ / ‖W·K‖ of the constrained layers on (a random sketch of) the calibration inputs.
+
+        Returns:
+            `dict[str, float]`: `"mean"` (over all constrained layers, norms pooled) and `"max"` (worst layer); empty
+            when the projectors carry no input sketch.
+        """
+        delta_sq = 0.0
+        base_sq = 0.0
+        worst = 0.0
+        for entry in self.weights:
+            if entry.sketch_rows is None:
+                continue
+            module = self._modules[entry.module_name]
+            if self.is_lora:
+                delta = self._lora_delta_outputs(module, entry)
+            else:
+                delta = entry.sketch_rows @ entry.parameter.float().T - entry.base_outputs
+            delta_norm = torch.linalg.matrix_norm(delta.double()).item()
+            delta_sq += delta_norm**2
+            base_sq += entry.base_output_norm**2
+            if entry.base_output_norm > 0:
+                worst = max(worst, delta_norm / entry.base_output_norm)
+        if base_sq == 0.0:
+            return {}
+        return {"mean": math.sqrt(delta_sq / base_sq), "max": worst}
+
+    @staticmethod
+    def _lora_delta_outputs(module: LoraLayer, entry: _ConstrainedWeight) -> torch.Tensor:
+        adapter = next(a for a in module.active_adapters if module.lora_A[a].weight is entry.parameter)
+        lora_a = module.lora_A[adapter].weight.float()
+        lora_b = module.lora_B[adapter].weight.float()
+        return (entry.sketch_rows @ lora_a.T) @ lora_b.T * module.scaling[adapter]

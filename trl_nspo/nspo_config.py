@@ -1,0 +1,171 @@
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from .calibration import CalibrationSettings
+from .null_space import NullSpaceRule
+
+
+@dataclass
+class NSPOConfig(GRPOConfig):
+    r"""
+    Configuration class for the [`NSPOTrainer`].
+
+    Adds to [`~trl.GRPOConfig`] the parameters of the null-space constraint: how the general-task calibration data
+    is fed to the model, how each layer's null space is selected, and where projectors are loaded from or saved to.
+    Every GRPO parameter keeps its meaning and default.
+
+    Parameters:
+        > Parameters that control the calibration
+
+        calibration_num_samples (`int`, *optional*, defaults to `1024`):
+            Rows of `calibration_dataset` to use (the first ones). The paper used 1,024 general-task prompts.
+        calibration_max_length (`int`, *optional*, defaults to `256`):
+            Maximum tokens of each calibration prompt or conversation; longer ones are truncated (and counted in the
+            log).
+        calibration_generate_completions (`bool`, *optional*, defaults to `True`):
+            Append the base model's greedy completion to each `prompt` before collecting layer inputs, so the
+            preserved behaviour includes the model's responses (as in the paper).
+        calibration_completion_length (`int`, *optional*, defaults to `128`):
+            Maximum tokens of each generated calibration completion.
+        calibration_batch_size (`int`, *optional*, defaults to `8`):
+            Sequences per calibration forward pass.
+        calibration_groups_per_pass (`int`, *optional*):
+            Layer-input covariances (d × d in float64 each) held in memory at once. Lower it to calibrate large models
+            on small GPUs, at the cost of one forward pass over the data per chunk. `None` does one pass.
+
+        > Parameters that control the null space
+
+        null_space_rule (`str`, *optional*, defaults to `"relative"`):
+            `"relative"`: eigen-directions with eigenvalue < `null_space_alpha` × the largest (the original NSPO
+            code). `"energy"`: the largest set of smallest eigen-directions holding ≤ `null_space_energy` of the total
+            input energy.
+        null_space_alpha (`float`, *optional*, defaults to `5e-5`):
+            Relative eigenvalue threshold of the `"relative"` rule.
+        null_space_energy (`float`, *optional*, defaults to `1e-4`):
+            Discarded energy fraction of the `"energy"` rule.
+        null_space_max_dim (`int`, *optional*):
+            Upper bound on every null dimension.
+        nspo_target_modules (`list[str]`, *optional*):
+            Modules to constrain (name suffixes, or one full-match regex). `None`: every LoRA-adapted linear layer,
+            or with full fine-tuning every linear layer except the LM head.
+        projectors_path (`str`, *optional*):
+            Projector file (or directory). If it exists, projectors are loaded from it and validated against the
+            model; otherwise they are computed from `calibration_dataset` and saved there.
+        preservation_sketch_dim (`int`, *optional*, defaults to `64`):
+            Columns of the random sketch of each layer's calibration inputs used to log the preservation error
+            ‖ΔW·K‖ / ‖W·K‖. `0` disables the metric.
+        allow_unconstrained_parameters (`bool`, *optional*, defaults to `False`):
+            Accept trainable parameters outside the null-space constraint (`modules_to_save`, or in full fine-tuning
+            embeddings, norms and the LM head, as the original NSPO code did) with a warning instead of an error.
+        gradient_projection_only (`bool`, *optional*, defaults to `False`):
+            Ablation: project gradients only, not the parameters at the start and after each optimizer step. Under
+            Adam this does NOT keep the update in the null space; use it to measure why the full method is needed.
+    """
+
+    calibration_num_samples: int = field(
+        default=1024,
+        metadata={"help": "Rows of `calibration_dataset` to use (the first ones)."},
+    )
+    calibration_max_length: int = field(
+        default=256,
+        metadata={"help": "Maximum tokens of each calibration prompt or conversation; longer ones are truncated."},
+    )
+    calibration_generate_completions: bool = field(
+        default=True,
+        metadata={
+            "help": "Append the base model's greedy completion to each calibration `prompt` before collecting layer "
+            "inputs, so the preserved behaviour includes responses."
+        },
+    )
+    calibration_completion_length: int = field(
+        default=128,
+        metadata={"help": "Maximum tokens of each generated calibration completion."},
+    )
+    calibration_batch_size: int = field(
+        default=8,
+        metadata={"help": "Sequences per calibration forward pass."},
+    )
+    calibration_groups_per_pass: int | None = field(
+        default=None,
+        metadata={
+            "help": "Layer-input covariances held in memory at once (one more forward pass over the data per chunk). "
+            "`None` does one pass."
+        },
+    )
+    null_space_rule: str = field(
+        default="relative",
+        metadata={
+            "help": "How to select each null space: 'relative' (eigenvalue < alpha × largest) or 'energy' (smallest "
+            "directions holding ≤ energy of the total).",
+            "choices": ["relative", "energy"],
+        },
+    )
+    null_space_alpha: float = field(
+        default=5e-5,
+        metadata={"help": "Relative eigenvalue threshold of the 'relative' rule."},
+    )
+    null_space_energy: float = field(
+        default=1e-4,
+        metadata={"help": "Discarded energy fraction of the 'energy' rule."},
+    )
+    null_space_max_dim: int | None = field(
+        default=None,
+        metadata={"help": "Upper bound on every null dimension."},
+    )
+    nspo_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules to constrain (name suffixes, or one full-match regex). Default: every LoRA-adapted "
+            "linear layer, or with full fine-tuning every linear layer except the LM head."
+        },
+    )
+    projectors_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Projector file or directory: loaded and validated if it exists, otherwise computed from the "
+            "calibration dataset and saved there."
+        },
+    )
+    preservation_sketch_dim: int = field(
+        default=64,
+        metadata={"help": "Sketch columns for logging the preservation error ‖ΔW·K‖/‖W·K‖; 0 disables it."},
+    )
+    allow_unconstrained_parameters: bool = field(
+        default=False,
+        metadata={
+            "help": "Accept trainable parameters outside the null-space constraint with a warning instead of an error."
+        },
+    )
+    gradient_projection_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Ablation: project gradients only. Under Adam this does NOT keep updates in the null space."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        # Build both once so that bad values fail here, at construction, before any model is loaded.
+        self.null_space_rule_config()
+        self.calibration_settings()
+
+    def null_space_rule_config(self) -> NullSpaceRule:
+        return NullSpaceRule(
+            rule=self.null_space_rule,
+            alpha=self.null_space_alpha,
+            energy=self.null_space_energy,
+            max_null_dim=self.null_space_max_dim,
+        )
+
+    def calibration_settings(self) -> CalibrationSettings:
+        return CalibrationSettings(
+            num_samples=self.calibration_num_samples,
+            max_length=self.calibration_max_length,
+            generate_completions=self.calibration_generate_completions,
+            completion_length=self.calibration_completion_length,
+            batch_size=self.calibration_batch_size,
+            sketch_dim=self.preservation_sketch_dim,
+            groups_per_pass=self.calibration_groups_per_pass,
+            seed=self.seed,
+        )

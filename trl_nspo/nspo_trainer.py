@@ -1,0 +1,189 @@
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from .calibration import base_weights_fingerprint, compute_projectors, constrained_input_dim, find_constrained_modules
+from .constraint import NullSpaceConstraint, UnsupportedSetupError, check_peft_config
+from .nspo_config import NSPOConfig
+from .projectors import NullSpaceProjectors
+
+logger = logging.getLogger(__name__)
+
+
+class _ReprojectAfterOptimizerStep(TrainerCallback):
+    """Puts the constrained parameters back into their null space after every optimizer step (Adam drifts out)."""
+
+    def __init__(self, trainer: "NSPOTrainer"):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        drift = self.trainer.constraint.project_parameters()
+        self.trainer._metrics["train"]["nspo/optimizer_drift"].append(drift)
+
+
+class NSPOTrainer(GRPOTrainer):
+    """
+    Null-Space constrained Policy Optimization: [`~trl.GRPOTrainer`] whose updates to the constrained linear layers
+    cannot change their outputs on general-task inputs.
+
+    Before training, the trainer runs the (PEFT-wrapped) model with adapters disabled on `calibration_dataset`,
+    collects every constrained layer's uncentred input covariance K·Kᵀ, and keeps the eigen-directions with
+    negligible eigenvalues as that layer's null space. During training, the LoRA `lora_A` weights (or, in full
+    fine-tuning, the change of each constrained weight) are kept exactly in the null space: projected at the start,
+    their gradients projected on every gradient-sync step (so clipping and `grad_norm` see what is kept), and
+    projected again after every optimizer step. B·A·K = 0 then holds: the layers' general-task outputs stay unchanged.
+
+    Args:
+        model, reward_funcs, args, *grpo_args, **grpo_kwargs:
+            Exactly as for [`~trl.GRPOTrainer`]; `args` must be an [`NSPOConfig`].
+        calibration_dataset ([`~datasets.Dataset`], *optional*):
+            General-task data (`prompt`, `messages` or `text` column) whose outputs must be preserved. Required
+            unless `args.projectors_path` points to an existing projector file.
+
+    Logged metrics: `nspo/kept_gradient_fraction` (‖g·P‖/‖g‖), `nspo/optimizer_drift` (share of the constrained
+    weights the optimizer moved out of the null space before re-projection), `nspo/preservation_error` and
+    `nspo/preservation_error_max` (‖ΔW·K‖/‖W·K‖ on a sketch of the calibration inputs), and at the first log
+    `nspo/null_dim_min` and `nspo/null_dim_fraction`.
+    """
+
+    _tag_names = ["trl", "grpo", "nspo"]
+    _name = "NSPO"
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: NSPOConfig | None = None,
+        *grpo_args,
+        calibration_dataset: Dataset | None = None,
+        **grpo_kwargs,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = NSPOConfig(f"{str(model_name).split('/')[-1]}-NSPO")
+        elif not isinstance(args, NSPOConfig):
+            kind = "a GRPOConfig" if isinstance(args, GRPOConfig) else type(args).__name__
+            raise TypeError(
+                f"NSPOTrainer needs an `NSPOConfig` as `args`, got {kind}. Replace GRPOConfig by NSPOConfig."
+            )
+        _refuse_unsupported_engines(args)
+        peft_config = grpo_kwargs.get("peft_config")
+        if peft_config is None and hasattr(model, "peft_config"):
+            peft_config = model.peft_config.get("default")
+        for message in check_peft_config(peft_config, args.allow_unconstrained_parameters):
+            warnings.warn(message, stacklevel=2)
+        projectors_file = _existing_projectors_file(args.projectors_path)
+        if projectors_file is None and calibration_dataset is None:
+            raise ValueError(
+                "NSPOTrainer needs general-task data to preserve: pass `calibration_dataset=` (a Dataset with a "
+                "'prompt', 'messages' or 'text' column), or set `projectors_path` to a saved projector file."
+            )
+
+        super().__init__(model, reward_funcs, args, *grpo_args, **grpo_kwargs)
+
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise UnsupportedSetupError(_ENGINE_MESSAGE)
+        self.projectors = self._load_or_compute_projectors(projectors_file, calibration_dataset)
+        self.constraint = NullSpaceConstraint(self.model, self.projectors, args.nspo_target_modules)
+        self.constraint.check_ranks()
+        self._check_unconstrained_parameters()
+        if not args.gradient_projection_only:
+            self.constraint.project_parameters()
+            self.add_callback(_ReprojectAfterOptimizerStep(self))
+        null_dims = self.projectors.null_dims()
+        self._nspo_start_logs = {
+            "nspo/null_dim_min": min(null for null, _ in null_dims.values()),
+            "nspo/null_dim_fraction": sum(n for n, _ in null_dims.values()) / sum(d for _, d in null_dims.values()),
+        }
+        logger.info("NSPO null spaces:\n%s", self.projectors.summary())
+
+    def _load_or_compute_projectors(
+        self, projectors_file: Path | None, calibration_dataset: Dataset | None
+    ) -> NullSpaceProjectors:
+        modules = find_constrained_modules(self.model, self.args.nspo_target_modules)
+        if projectors_file is not None:
+            if calibration_dataset is not None:
+                logger.info("Loading NSPO projectors from %s; `calibration_dataset` is not used.", projectors_file)
+            projectors = NullSpaceProjectors.load(projectors_file)
+            input_dims = {name: constrained_input_dim(module) for name, module in modules.items()}
+            projectors.check_matches(input_dims, base_weights_fingerprint(modules), str(projectors_file))
+            return projectors
+        projectors = compute_projectors(
+            self.model,
+            self.processing_class,
+            calibration_dataset,
+            settings=self.args.calibration_settings(),
+            rule=self.args.null_space_rule_config(),
+            target_modules=self.args.nspo_target_modules,
+        )
+        if self.args.projectors_path is not None and self.accelerator.is_main_process:
+            projectors.save(self.args.projectors_path)
+        return projectors
+
+    def _check_unconstrained_parameters(self) -> None:
+        unconstrained = self.constraint.unconstrained_trainable_parameters(self.model)
+        if not unconstrained:
+            return
+        message = (
+            f"{len(unconstrained)} trainable parameter(s) are outside the null-space constraint and will change "
+            f"general-task outputs: {unconstrained[:6]}{' …' if len(unconstrained) > 6 else ''}."
+        )
+        if not self.args.allow_unconstrained_parameters:
+            raise UnsupportedSetupError(
+                message + " Freeze them (`requires_grad_(False)`), constrain them (`nspo_target_modules`), or set "
+                "`allow_unconstrained_parameters=True` to accept this."
+            )
+        warnings.warn(message, stacklevel=3)
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Only the summed gradient of an accumulation window is used, and projection is linear: project it once.
+        if self.accelerator.sync_gradients:
+            kept_fraction = self.constraint.project_gradients()
+            if kept_fraction is not None:
+                self._metrics["train"]["nspo/kept_gradient_fraction"].append(kept_fraction)
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training:
+            logs.update(self._nspo_start_logs)
+            self._nspo_start_logs = {}
+            errors = self.constraint.preservation_error()
+            if errors:
+                logs["nspo/preservation_error"] = errors["mean"]
+                logs["nspo/preservation_error_max"] = errors["max"]
+        super().log(logs, start_time)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Saves the model (adapter) as [`~trl.GRPOTrainer`] does, and the projector file beside it."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            self.projectors.save(output_dir or self.args.output_dir)
+
+
+def _existing_projectors_file(projectors_path: str | None) -> Path | None:
+    if projectors_path is None:
+        return None
+    path = Path(projectors_path)
+    if path.is_dir():
+        path = path / "nspo_projectors.safetensors"
+    return path if path.is_file() else None
+
+
+_ENGINE_MESSAGE = (
+    "NSPOTrainer does not support DeepSpeed or FSDP yet: they shard or hide `.grad` and overwrite parameters from "
+    "their own master copies, so the null-space projection would silently do nothing. Use single-device or DDP "
+    "training (`accelerate launch --multi_gpu`), with QLoRA for large models."
+)
+
+
+def _refuse_unsupported_engines(args: NSPOConfig) -> None:
+    uses_deepspeed = args.deepspeed is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
+    uses_fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false") == "true"
+    if uses_deepspeed or uses_fsdp:
+        raise UnsupportedSetupError(_ENGINE_MESSAGE)
