@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import re
 import warnings
@@ -182,6 +183,19 @@ def tokens_fingerprint(sequences: Sequence[Sequence[int]]) -> str:
     for sequence in sequences:
         digest.update(torch.tensor(sequence, dtype=torch.int64).numpy().tobytes())
         digest.update(b"|")
+    return digest.hexdigest()
+
+
+def calibration_source_fingerprint(dataset: Dataset, settings: CalibrationSettings) -> str:
+    """
+    A fingerprint of the calibration rows used and of the settings that shape the sequences, cheap to compute
+    before any generation, so a saved projector file can be checked against the data a run is given.
+    """
+    rows = dataset.select(range(min(settings.num_samples, len(dataset))))
+    shaping = [settings.num_samples, settings.max_length, settings.generate_completions, settings.completion_length]
+    digest = hashlib.sha256(json.dumps(shaping).encode())
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
@@ -537,6 +551,7 @@ def compute_projectors(
             **counts,
             "token_count": sum(len(ids) for ids in sequences),
             "data_fingerprint": tokens_fingerprint(sequences),
+            "source_fingerprint": calibration_source_fingerprint(dataset, settings),
         },
     )
     _warn_about_thin_calibration(projectors)

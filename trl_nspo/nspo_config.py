@@ -50,8 +50,9 @@ class NSPOConfig(GRPOConfig):
             Modules to constrain (name suffixes, or one full-match regex). `None`: every LoRA-adapted linear layer,
             or with full fine-tuning every linear layer except the LM head.
         projectors_path (`str`, *optional*):
-            Projector file (or directory). If it exists, projectors are loaded from it and validated against the
-            model; otherwise they are computed from `calibration_dataset` and saved there.
+            Projector file (or directory); defaults to `output_dir`. If a projector file is there, it is loaded and
+            validated against the model, the null-space rule and (when given) `calibration_dataset`, so a restarted
+            run does not recalibrate; otherwise the projectors are computed and saved there before training starts.
         preservation_sketch_dim (`int`, *optional*, defaults to `64`):
             Columns of the random sketch of each layer's calibration inputs used to log the preservation error
             ‖ΔW·K‖ / ‖W·K‖. `0` disables the metric.
@@ -123,8 +124,8 @@ class NSPOConfig(GRPOConfig):
     projectors_path: str | None = field(
         default=None,
         metadata={
-            "help": "Projector file or directory: loaded and validated if it exists, otherwise computed from the "
-            "calibration dataset and saved there."
+            "help": "Projector file or directory (default: `output_dir`): loaded and validated if it exists, "
+            "otherwise computed from the calibration dataset and saved there before training."
         },
     )
     preservation_sketch_dim: int = field(

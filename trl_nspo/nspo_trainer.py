@@ -7,10 +7,16 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from .calibration import base_weights_fingerprint, compute_projectors, constrained_input_dim, find_constrained_modules
+from .calibration import (
+    base_weights_fingerprint,
+    calibration_source_fingerprint,
+    compute_projectors,
+    constrained_input_dim,
+    find_constrained_modules,
+)
 from .constraint import NullSpaceConstraint, UnsupportedSetupError, check_peft_config
 from .nspo_config import NSPOConfig
-from .projectors import NullSpaceProjectors
+from .projectors import NullSpaceProjectors, ProjectorFileError
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +83,7 @@ class NSPOTrainer(GRPOTrainer):
             peft_config = model.peft_config.get("default")
         for message in check_peft_config(peft_config, args.allow_unconstrained_parameters):
             warnings.warn(message, stacklevel=2)
-        projectors_file = _existing_projectors_file(args.projectors_path)
-        if projectors_file is None and calibration_dataset is None:
+        if calibration_dataset is None and _existing_projectors_file(args.projectors_path or args.output_dir) is None:
             raise ValueError(
                 "NSPOTrainer needs general-task data to preserve: pass `calibration_dataset=` (a Dataset with a "
                 "'prompt', 'messages' or 'text' column), or set `projectors_path` to a saved projector file."
@@ -88,7 +93,7 @@ class NSPOTrainer(GRPOTrainer):
 
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise UnsupportedSetupError(_ENGINE_MESSAGE)
-        self.projectors = self._load_or_compute_projectors(projectors_file, calibration_dataset)
+        self.projectors = self._load_or_compute_projectors(calibration_dataset)
         self.constraint = NullSpaceConstraint(self.model, self.projectors, args.nspo_target_modules)
         self.constraint.check_ranks()
         self._check_unconstrained_parameters()
@@ -102,28 +107,50 @@ class NSPOTrainer(GRPOTrainer):
         }
         logger.info("NSPO null spaces:\n%s", self.projectors.summary())
 
-    def _load_or_compute_projectors(
-        self, projectors_file: Path | None, calibration_dataset: Dataset | None
-    ) -> NullSpaceProjectors:
-        modules = find_constrained_modules(self.model, self.args.nspo_target_modules)
+    def _load_or_compute_projectors(self, calibration_dataset: Dataset | None) -> NullSpaceProjectors:
+        """
+        Reuses the projector file at `projectors_path` (default: the output directory) when it matches this run, so
+        a restarted run does not recalibrate; otherwise calibrates and writes the file before training starts.
+        """
+        location = self.args.projectors_path or self.args.output_dir
+        projectors_file = _existing_projectors_file(location)
+        settings = self.args.calibration_settings()
         if projectors_file is not None:
-            if calibration_dataset is not None:
-                logger.info("Loading NSPO projectors from %s; `calibration_dataset` is not used.", projectors_file)
             projectors = NullSpaceProjectors.load(projectors_file)
-            input_dims = {name: constrained_input_dim(module) for name, module in modules.items()}
-            projectors.check_matches(input_dims, base_weights_fingerprint(modules), str(projectors_file))
+            self._check_projectors(projectors, str(projectors_file))
+            recorded_source = projectors.calibration.get("source_fingerprint")
+            if calibration_dataset is not None and recorded_source != calibration_source_fingerprint(
+                calibration_dataset, settings
+            ):
+                raise ProjectorFileError(
+                    f"{projectors_file} was computed from other calibration data or settings than this run's. Delete "
+                    "it to recalibrate, or set `projectors_path` to another location."
+                )
+            logger.info("Reusing NSPO projectors from %s.", projectors_file)
             return projectors
         projectors = compute_projectors(
             self.model,
             self.processing_class,
             calibration_dataset,
-            settings=self.args.calibration_settings(),
+            settings=settings,
             rule=self.args.null_space_rule_config(),
             target_modules=self.args.nspo_target_modules,
         )
-        if self.args.projectors_path is not None and self.accelerator.is_main_process:
-            projectors.save(self.args.projectors_path)
+        if self.accelerator.is_main_process:
+            projectors.save(location)
+        self.accelerator.wait_for_everyone()
         return projectors
+
+    def _check_projectors(self, projectors: NullSpaceProjectors, source: str) -> None:
+        """Raises unless `projectors` belong to this model, these constrained modules and this null-space rule."""
+        modules = find_constrained_modules(self.model, self.args.nspo_target_modules)
+        input_dims = {name: constrained_input_dim(module) for name, module in modules.items()}
+        projectors.check_matches(input_dims, base_weights_fingerprint(modules), source)
+        if projectors.rule != self.args.null_space_rule_config():
+            raise ProjectorFileError(
+                f"The projectors in {source} were selected with {projectors.rule}, but this run asks for "
+                f"{self.args.null_space_rule_config()}. Delete the file to recompute, or set the rule back."
+            )
 
     def _check_unconstrained_parameters(self) -> None:
         unconstrained = self.constraint.unconstrained_trainable_parameters(self.model)
@@ -158,6 +185,25 @@ class NSPOTrainer(GRPOTrainer):
                 logs["nspo/preservation_error"] = errors["mean"]
                 logs["nspo/preservation_error_max"] = errors["max"]
         super().log(logs, start_time)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # A checkpoint is only a valid resume point for the null spaces it was trained in.
+        checkpoint_file = _existing_projectors_file(resume_from_checkpoint)
+        if checkpoint_file is None:
+            raise ProjectorFileError(
+                f"Checkpoint {resume_from_checkpoint} has no NSPO projector file, so it cannot be shown to belong to "
+                "this constrained run. Resume from a checkpoint written by NSPOTrainer."
+            )
+        saved = NullSpaceProjectors.load(checkpoint_file)
+        self._check_projectors(saved, str(checkpoint_file))
+        if not saved.same_bases(self.projectors):
+            raise ProjectorFileError(
+                f"Checkpoint {resume_from_checkpoint} was trained with other null spaces than this run computed "
+                f"(calibration {saved.calibration.get('source_fingerprint', '?')[:12]}…). Resume with the run's "
+                "original calibration data and settings, or set `projectors_path` to the checkpoint."
+            )
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.constraint.project_parameters()
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Saves the model (adapter) as [`~trl.GRPOTrainer`] does, and the projector file beside it."""

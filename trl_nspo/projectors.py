@@ -189,6 +189,20 @@ class NullSpaceProjectors:
             calibration=metadata["calibration"],
         )
 
+    def same_bases(self, other: NullSpaceProjectors, tolerance: float = 1e-4) -> bool:
+        """Whether `other` holds the same groups spanning the same null spaces (up to the basis' sign and rotation)."""
+        if self.groups.keys() != other.groups.keys():
+            return False
+        for key, group in self.groups.items():
+            mine, theirs = group.basis, other.groups[key].basis
+            if group.module_names != other.groups[key].module_names or mine.null_dim != theirs.null_dim:
+                return False
+            # Two orthonormal d × m bases span the same subspace iff ‖B₁ᵀ·B₂‖²_F = m.
+            overlap = torch.linalg.matrix_norm(mine.basis.double().T @ theirs.basis.double()).item() ** 2
+            if mine.stores_null != theirs.stores_null or overlap < mine.basis.shape[1] * (1 - tolerance):
+                return False
+        return True
+
     def check_matches(self, input_dims: dict[str, int], base_weights_fingerprint: str, source: str) -> None:
         """
         Raises [`ProjectorFileError`] unless these projectors were computed for exactly these modules and weights.
