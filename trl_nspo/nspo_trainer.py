@@ -15,6 +15,7 @@ from .calibration import (
     find_constrained_modules,
 )
 from .constraint import NullSpaceConstraint, UnsupportedSetupError, check_peft_config
+from .model_card import render_model_card
 from .nspo_config import NSPOConfig
 from .projectors import NullSpaceProjectors, ProjectorFileError
 
@@ -204,6 +205,47 @@ class NSPOTrainer(GRPOTrainer):
             )
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.constraint.project_parameters()
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        evaluation: dict[str, tuple[float | str, float | str]] | None = None,
+        calibration_description: str = "general-task prompts",
+    ) -> None:
+        """
+        Writes the NSPO model card (`README.md`) to the output directory: Hub metadata, how to load the adapter,
+        training data and rewards, the null-space summary and, if given, an evaluation table.
+
+        Args:
+            model_name (`str`, *optional*):
+                Name of the adapter; defaults to the output directory's name.
+            dataset_name (`str`, *optional*):
+                Hub id or description of the safety prompts.
+            tags (`str` or `list[str]`, *optional*):
+                Extra Hub tags.
+            evaluation (`dict[str, tuple]`, *optional*):
+                `{metric: (base model value, adapter value)}`.
+            calibration_description (`str`, *optional*, defaults to `"general-task prompts"`):
+                What the calibration data was.
+        """
+        if not self.is_world_process_zero():
+            return
+        name_or_path = self.model.config._name_or_path
+        card = render_model_card(
+            self.projectors,
+            model_name=model_name or Path(self.args.output_dir).name,
+            base_model=None if not name_or_path or os.path.isdir(name_or_path) else name_or_path,
+            hub_model_id=self.hub_model_id,
+            dataset_name=dataset_name,
+            calibration_description=calibration_description,
+            reward_names=self.reward_func_names,
+            training_steps=self.state.global_step,
+            evaluation=evaluation,
+            tags=[tags] if isinstance(tags, str) else tags,
+        )
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Saves the model (adapter) as [`~trl.GRPOTrainer`] does, and the projector file beside it."""
