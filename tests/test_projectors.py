@@ -24,12 +24,13 @@ def make_projectors() -> NullSpaceProjectors:
             "layers.0.mlp.down": ProjectorGroup(["layers.0.mlp.down"], NullSpaceBasis(q[:, :2], False), 40),
         },
         rule=NullSpaceRule(rule="energy", energy=1e-3, max_null_dim=7),
-        base_weights_fingerprint="f" * 64,
+        base_weight_fingerprints=dict.fromkeys(["layers.0.attn.q", "layers.0.attn.k", "layers.0.mlp.down"], "f" * 16),
         calibration={"num_samples": 2, "token_count": 40, "data_fingerprint": "d" * 64},
     )
 
 
 INPUT_DIMS = {"layers.0.attn.q": 8, "layers.0.attn.k": 8, "layers.0.mlp.down": 8}
+FINGERPRINTS = dict.fromkeys(INPUT_DIMS, "f" * 16)
 
 
 def test_round_trip_keeps_bases_sketches_and_metadata(tmp_path):
@@ -46,7 +47,7 @@ def test_round_trip_keeps_bases_sketches_and_metadata(tmp_path):
         loaded.groups["layers.0.attn.q"].input_sketch, projectors.groups["layers.0.attn.q"].input_sketch
     )
     assert loaded.groups["layers.0.mlp.down"].input_sketch is None
-    loaded.check_matches(INPUT_DIMS, "f" * 64, "test")
+    loaded.check_matches(INPUT_DIMS, FINGERPRINTS, "test")
 
 
 def test_interrupted_save_leaves_the_previous_file_intact(tmp_path):
@@ -61,22 +62,42 @@ def test_interrupted_save_leaves_the_previous_file_intact(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "input_dims, fingerprint, message",
+    "input_dims, fingerprints, message",
     [
-        ({**INPUT_DIMS, "layers.1.attn.q": 8}, "f" * 64, r"Missing: layers\.1\.attn\.q"),
-        ({"layers.0.attn.q": 8, "layers.0.attn.k": 8}, "f" * 64, r"not in this model/adapter: layers\.0\.mlp\.down"),
+        (
+            {**INPUT_DIMS, "layers.1.attn.q": 8},
+            {**FINGERPRINTS, "layers.1.attn.q": "f" * 16},
+            r"Missing: layers\.1\.attn\.q",
+        ),
         (
             {**INPUT_DIMS, "layers.0.mlp.down": 16},
-            "f" * 64,
+            FINGERPRINTS,
             r"wrong input dimension for layers\.0\.mlp\.down \(file 8, model 16\)",
         ),
-        (INPUT_DIMS, "0" * 64, "computed on different base weights"),
+        (
+            INPUT_DIMS,
+            {**FINGERPRINTS, "layers.0.attn.k": "0" * 16},
+            r"different base weights for layers\.0\.attn\.k\.",
+        ),
     ],
 )
-def test_mismatches_say_what_does_not_match(tmp_path, input_dims, fingerprint, message):
+def test_mismatches_say_what_does_not_match(tmp_path, input_dims, fingerprints, message):
     make_projectors().save(tmp_path)
     with pytest.raises(ProjectorFileError, match=message):
-        NullSpaceProjectors.load(tmp_path).check_matches(input_dims, fingerprint, "here")
+        NullSpaceProjectors.load(tmp_path).check_matches(input_dims, fingerprints, "here")
+
+
+def test_projectors_for_more_modules_serve_a_subset(tmp_path):
+    make_projectors().save(tmp_path)
+    loaded = NullSpaceProjectors.load(tmp_path)
+    subset = {"layers.0.attn.k": 8}
+    loaded.check_matches(subset, FINGERPRINTS, "here")
+    restricted = loaded.restricted_to(list(subset))
+    assert restricted.null_dims() == {"layers.0.attn.k": (3, 8)}
+    assert list(restricted.groups) == ["layers.0.attn.k"]
+    assert restricted.base_weight_fingerprints == {"layers.0.attn.k": "f" * 16}
+    assert restricted.same_bases(loaded.restricted_to(["layers.0.attn.k"]))
+    assert not restricted.same_bases(loaded)
 
 
 def test_truncated_file_is_refused(tmp_path):

@@ -239,7 +239,7 @@ class TestProjectorFiles:
             calibration_dataset=CALIBRATION,
             peft_config=lora(target_modules=["q_proj"]),
         )
-        with pytest.raises(ProjectorFileError, match=r"Missing: model\.layers\.0\.mlp\.down_proj"):
+        with pytest.raises(ProjectorFileError, match=r"Missing: model\.layers\.0\.self_attn\.k_proj"):
             NSPOTrainer(
                 str(tiny_model_dir),
                 length_reward,
@@ -247,6 +247,30 @@ class TestProjectorFiles:
                 train_dataset=TRAIN,
                 peft_config=lora(),
             )
+
+    def test_projectors_for_all_layers_serve_an_adapter_on_some(self, tiny_model_dir, tmp_path):
+        everything = NSPOTrainer(
+            str(tiny_model_dir),
+            length_reward,
+            NSPOConfig(**config(tmp_path, projectors_path=str(tmp_path / "p"))),
+            train_dataset=TRAIN,
+            calibration_dataset=CALIBRATION,
+            peft_config=lora(),
+        )
+        queries_only = NSPOTrainer(
+            str(tiny_model_dir),
+            length_reward,
+            NSPOConfig(**config(tmp_path, projectors_path=str(tmp_path / "p"))),
+            train_dataset=TRAIN,
+            peft_config=lora(target_modules=["q_proj"]),
+        )
+        assert list(queries_only.projectors.null_dims()) == [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.1.self_attn.q_proj",
+        ]
+        assert queries_only.projectors.same_bases(
+            everything.projectors.restricted_to(list(queries_only.projectors.null_dims()))
+        )
 
 
 class TestRefusals:

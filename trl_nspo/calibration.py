@@ -161,21 +161,22 @@ def constrained_input_dim(module: nn.Module) -> int:
     return module.in_features
 
 
-def base_weights_fingerprint(modules: dict[str, nn.Module]) -> str:
+def base_weight_fingerprints(modules: dict[str, nn.Module]) -> dict[str, str]:
     """
-    A fingerprint of the constrained modules' base weights: names, shapes and 1,024 strided values of each.
+    A fingerprint of each module's base weight: shape, dtype and 1,024 strided values.
 
     Strided values instead of full hashes keep this cheap for billions of parameters while still telling one
-    checkpoint from another.
+    checkpoint from another; one per module lets a projector file computed for more modules serve a subset.
     """
-    digest = hashlib.sha256()
-    for name in sorted(modules):
-        weight = base_linear(modules[name]).weight.detach()
+    fingerprints = {}
+    for name, module in modules.items():
+        weight = base_linear(module).weight.detach()
         flat = weight.reshape(-1)
         indices = torch.linspace(0, flat.numel() - 1, steps=min(1024, flat.numel()), device=flat.device).long()
-        digest.update(f"{name}:{tuple(weight.shape)}:{weight.dtype};".encode())
+        digest = hashlib.sha256(f"{tuple(weight.shape)}:{weight.dtype};".encode())
         digest.update(flat[indices].float().cpu().numpy().tobytes())
-    return digest.hexdigest()
+        fingerprints[name] = digest.hexdigest()[:16]
+    return fingerprints
 
 
 def tokens_fingerprint(sequences: Sequence[Sequence[int]]) -> str:
@@ -545,7 +546,7 @@ def compute_projectors(
     projectors = NullSpaceProjectors(
         groups=groups,
         rule=rule,
-        base_weights_fingerprint=base_weights_fingerprint(modules),
+        base_weight_fingerprints=base_weight_fingerprints(modules),
         calibration={
             **asdict(settings),
             **counts,

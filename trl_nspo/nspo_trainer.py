@@ -8,7 +8,7 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from .calibration import (
-    base_weights_fingerprint,
+    base_weight_fingerprints,
     calibration_source_fingerprint,
     compute_projectors,
     constrained_input_dim,
@@ -117,8 +117,7 @@ class NSPOTrainer(GRPOTrainer):
         projectors_file = _existing_projectors_file(location)
         settings = self.args.calibration_settings()
         if projectors_file is not None:
-            projectors = NullSpaceProjectors.load(projectors_file)
-            self._check_projectors(projectors, str(projectors_file))
+            projectors = self._validated(NullSpaceProjectors.load(projectors_file), str(projectors_file))
             recorded_source = projectors.calibration.get("source_fingerprint")
             if calibration_dataset is not None and recorded_source != calibration_source_fingerprint(
                 calibration_dataset, settings
@@ -142,16 +141,20 @@ class NSPOTrainer(GRPOTrainer):
         self.accelerator.wait_for_everyone()
         return projectors
 
-    def _check_projectors(self, projectors: NullSpaceProjectors, source: str) -> None:
-        """Raises unless `projectors` belong to this model, these constrained modules and this null-space rule."""
+    def _validated(self, projectors: NullSpaceProjectors, source: str) -> NullSpaceProjectors:
+        """
+        The part of `projectors` this run constrains; raises unless they belong to this model, cover these
+        constrained modules and were selected with this run's null-space rule.
+        """
         modules = find_constrained_modules(self.model, self.args.nspo_target_modules)
         input_dims = {name: constrained_input_dim(module) for name, module in modules.items()}
-        projectors.check_matches(input_dims, base_weights_fingerprint(modules), source)
+        projectors.check_matches(input_dims, base_weight_fingerprints(modules), source)
         if projectors.rule != self.args.null_space_rule_config():
             raise ProjectorFileError(
                 f"The projectors in {source} were selected with {projectors.rule}, but this run asks for "
                 f"{self.args.null_space_rule_config()}. Delete the file to recompute, or set the rule back."
             )
+        return projectors.restricted_to(list(modules))
 
     def _check_unconstrained_parameters(self) -> None:
         unconstrained = self.constraint.unconstrained_trainable_parameters(self.model)
@@ -195,8 +198,7 @@ class NSPOTrainer(GRPOTrainer):
                 f"Checkpoint {resume_from_checkpoint} has no NSPO projector file, so it cannot be shown to belong to "
                 "this constrained run. Resume from a checkpoint written by NSPOTrainer."
             )
-        saved = NullSpaceProjectors.load(checkpoint_file)
-        self._check_projectors(saved, str(checkpoint_file))
+        saved = self._validated(NullSpaceProjectors.load(checkpoint_file), str(checkpoint_file))
         if not saved.same_bases(self.projectors):
             raise ProjectorFileError(
                 f"Checkpoint {resume_from_checkpoint} was trained with other null spaces than this run computed "

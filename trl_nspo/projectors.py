@@ -58,15 +58,15 @@ class NullSpaceProjectors:
             Groups keyed by their first module name.
         rule ([`NullSpaceRule`]):
             The rule that selected the null spaces.
-        base_weights_fingerprint (`str`):
-            Fingerprint of the base weights of the constrained modules at calibration time.
+        base_weight_fingerprints (`dict[str, str]`):
+            Fingerprint of each constrained module's base weight at calibration time.
         calibration (`dict[str, Any]`):
             Calibration settings and statistics (samples, max length, completions, token count, data fingerprint).
     """
 
     groups: dict[str, ProjectorGroup]
     rule: NullSpaceRule
-    base_weights_fingerprint: str
+    base_weight_fingerprints: dict[str, str]
     calibration: dict[str, Any] = field(default_factory=dict)
 
     def basis_by_module(self) -> dict[str, NullSpaceBasis]:
@@ -93,7 +93,7 @@ class NullSpaceProjectors:
         return {
             "format_version": PROJECTOR_FORMAT_VERSION,
             "rule": asdict(self.rule),
-            "base_weights_fingerprint": self.base_weights_fingerprint,
+            "base_weight_fingerprints": self.base_weight_fingerprints,
             "calibration": self.calibration,
             "groups": {
                 key: {
@@ -185,7 +185,7 @@ class NullSpaceProjectors:
         return cls(
             groups=groups,
             rule=NullSpaceRule(**metadata["rule"]),
-            base_weights_fingerprint=metadata["base_weights_fingerprint"],
+            base_weight_fingerprints=metadata["base_weight_fingerprints"],
             calibration=metadata["calibration"],
         )
 
@@ -203,25 +203,25 @@ class NullSpaceProjectors:
                 return False
         return True
 
-    def check_matches(self, input_dims: dict[str, int], base_weights_fingerprint: str, source: str) -> None:
+    def check_matches(self, input_dims: dict[str, int], base_weight_fingerprints: dict[str, str], source: str) -> None:
         """
-        Raises [`ProjectorFileError`] unless these projectors were computed for exactly these modules and weights.
+        Raises [`ProjectorFileError`] unless these projectors cover these modules, with these input sizes and base
+        weights. Projectors computed for more modules are fine (see [`NullSpaceProjectors.restricted_to`]).
 
         Args:
             input_dims (`dict[str, int]`):
                 Input dimension of every module the trainer will constrain, by canonical name.
-            base_weights_fingerprint (`str`):
+            base_weight_fingerprints (`dict[str, str]`):
                 Fingerprint of those modules' current base weights.
             source (`str`):
                 Where the projectors came from, for the error message.
         """
         recorded = self.null_dims()
-        missing = sorted(set(input_dims) - set(recorded))
-        extra = sorted(set(recorded) - set(input_dims))
-        if missing or extra:
+        missing = [name for name in input_dims if name not in recorded]
+        if missing:
             raise ProjectorFileError(
-                f"The projectors in {source} do not cover the modules to constrain. Missing: {_abbreviate(missing)}; "
-                f"not in this model/adapter: {_abbreviate(extra)}. Recompute them for this model and target modules."
+                f"The projectors in {source} do not cover every module to constrain. Missing: {_abbreviate(missing)}. "
+                "Recompute them for this model and these target modules."
             )
         wrong_shape = [
             f"{name} (file {recorded[name][1]}, model {dim})"
@@ -232,12 +232,30 @@ class NullSpaceProjectors:
             raise ProjectorFileError(
                 f"The projectors in {source} have the wrong input dimension for {_abbreviate(wrong_shape)}."
             )
-        if self.base_weights_fingerprint != base_weights_fingerprint:
+        other_weights = [
+            name for name in input_dims if self.base_weight_fingerprints.get(name) != base_weight_fingerprints[name]
+        ]
+        if other_weights:
             raise ProjectorFileError(
-                f"The projectors in {source} were computed on different base weights (fingerprint "
-                f"{self.base_weights_fingerprint[:12]}…, this model {base_weights_fingerprint[:12]}…). They would not "
-                "preserve this model's outputs: recompute them for this model."
+                f"The projectors in {source} were computed on different base weights for "
+                f"{_abbreviate(other_weights)}. They would not preserve this model's outputs: recompute them for this "
+                "model."
             )
+
+    def restricted_to(self, module_names: list[str]) -> NullSpaceProjectors:
+        """The projectors of `module_names` only (groups shrink to the listed modules, empty groups are dropped)."""
+        wanted = set(module_names)
+        groups = {}
+        for group in self.groups.values():
+            kept = [name for name in group.module_names if name in wanted]
+            if kept:
+                groups[kept[0]] = ProjectorGroup(kept, group.basis, group.token_count, group.input_sketch)
+        return NullSpaceProjectors(
+            groups=groups,
+            rule=self.rule,
+            base_weight_fingerprints={name: self.base_weight_fingerprints[name] for name in module_names},
+            calibration=self.calibration,
+        )
 
 
 class ProjectorFileError(NullSpaceError):
