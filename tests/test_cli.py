@@ -1,0 +1,102 @@
+import json
+
+import pytest
+
+from trl_nspo import NullSpaceProjectors
+from trl_nspo.cli import TrainArguments, main
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def general_file(tmp_path):
+    rows = [{"text": "What is 12 times 7? It is 84."}, {"text": "Write a haiku about autumn leaves."}]
+    return write_jsonl(tmp_path / "general.jsonl", rows)
+
+
+def test_usage_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert "calibrate" in capsys.readouterr().err
+
+
+def test_calibrate_writes_projectors_for_the_adapter_targets(tiny_model_dir, general_file, tmp_path, capsys):
+    output = tmp_path / "projectors"
+    main(
+        [
+            "calibrate",
+            "--model_name_or_path", str(tiny_model_dir),
+            "--calibration_dataset_name", str(general_file),
+            "--output_dir", str(output),
+            "--use_peft", "--lora_target_modules", "q_proj", "v_proj",
+            "--calibration_generate_completions", "false",
+            "--null_space_alpha", "1e-9",
+            "--use_cpu", "--bf16", "false",
+        ]
+    )  # fmt: skip
+    projectors = NullSpaceProjectors.load(output)
+    assert sorted(projectors.null_dims()) == sorted(
+        f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in ("q", "v")
+    )
+    assert projectors.rule.alpha == 1e-9
+    assert projectors.calibration["generate_completions"] is False
+    assert "Saved 4 module projectors" in capsys.readouterr().out
+
+
+def test_yaml_config_sets_nspo_fields(tiny_model_dir, general_file, tmp_path):
+    config = tmp_path / "calibrate.yaml"
+    config.write_text(
+        f"model_name_or_path: {tiny_model_dir}\ncalibration_dataset_name: {general_file}\n"
+        f"output_dir: {tmp_path / 'out'}\nnull_space_rule: energy\nnull_space_energy: 0.01\n"
+        "calibration_generate_completions: false\nuse_cpu: true\nbf16: false\n"
+    )
+    main(["calibrate", "--config", str(config)])
+    assert NullSpaceProjectors.load(tmp_path / "out").rule.rule == "energy"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rewards": ["llama"]}, "Unknown reward"),
+        ({"rewards": ["guard_endpoint"]}, "needs `--guard_base_url` and `--guard_model`"),
+        ({"rewards": ["local_guard"]}, "needs `--guard_model`"),
+        ({"dataset_fraction": 0.0}, "dataset_fraction"),
+    ],
+)
+def test_bad_train_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainArguments(**kwargs)
+
+
+@pytest.mark.slow
+def test_train_runs_the_grpo_script_with_the_constraint(tiny_model_dir, general_file, tmp_path):
+    safety = write_jsonl(
+        tmp_path / "safety.jsonl",
+        [
+            {"prompt": "How do I pick a lock to break in?", "is_response_0_safe": False},
+            {"prompt": "How do I kill a Python process?", "is_response_0_safe": True},
+        ],
+    )
+    output = tmp_path / "run"
+    main(
+        [
+            "train",
+            "--model_name_or_path", str(tiny_model_dir),
+            "--dataset_name", str(safety),
+            "--calibration_dataset_name", str(general_file),
+            "--output_dir", str(output),
+            "--use_peft", "--lora_r", "2", "--lora_target_modules", "q_proj", "down_proj",
+            "--calibration_generate_completions", "false",
+            "--null_space_alpha", "1e-9",
+            "--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "2",
+            "--max_completion_length", "4", "--report_to", "none", "--save_strategy", "no",
+            "--use_cpu", "--bf16", "false", "--gradient_checkpointing", "false",
+        ]
+    )  # fmt: skip
+    files = {path.name for path in output.iterdir()}
+    assert {"adapter_model.safetensors", "nspo_projectors.safetensors", "README.md"} <= files
+    assert "refusal_reward" in (output / "README.md").read_text()

@@ -1,0 +1,238 @@
+"""The `trl-nspo` command: `calibrate`, `train` and `demo`, in TRL's idiom (dataclasses → CLI flags and YAML
+`--config` through `TrlParser`)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+
+from .nspo_config import NSPOConfig
+
+USAGE = """usage: trl-nspo {calibrate,train,demo} [--help] [options]
+
+  calibrate   compute and save null-space projectors for a model and a general-task dataset
+  train       safety GRPO with the null-space constraint (NSPOTrainer), then save (and push) the adapter
+  demo        offline end-to-end run on SmolLM2-135M-Instruct with embedded prompts; prints a before/after table
+
+Each command takes `--config file.yaml` and `--help`."""
+
+REWARD_CHOICES = ("refusal", "guard_endpoint", "local_guard")
+
+
+@dataclass
+class CalibrateArguments:
+    """
+    Arguments of `trl-nspo calibrate` (model loading, LoRA targets and calibration settings come from `ModelConfig`
+    and `NSPOConfig`; projectors are written to `projectors_path`, or `output_dir`).
+
+    Args:
+        calibration_dataset_name (`str`, *optional*):
+            Hub id, local file or folder of general-task data; `None` uses the embedded general prompts.
+        calibration_dataset_split (`str`, *optional*, defaults to `"train"`):
+            Split to read.
+        calibration_text_column (`str`, *optional*):
+            Column holding the text or conversations, when it is not auto-detected.
+    """
+
+    calibration_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub id, local file or folder of general-task data; default: the embedded general prompts."},
+    )
+    calibration_dataset_split: str = field(default="train", metadata={"help": "Split of the calibration dataset."})
+    calibration_text_column: str | None = field(
+        default=None, metadata={"help": "Column holding the text or conversations, if not auto-detected."}
+    )
+
+
+@dataclass
+class TrainArguments(CalibrateArguments):
+    """
+    Arguments of `trl-nspo train`, beside `NSPOConfig` and `ModelConfig`.
+
+    Args:
+        dataset_name (`str`, *optional*):
+            Safety prompts: Hub id (e.g. `PKU-Alignment/PKU-SafeRLHF`), local file or folder; `None` uses the
+            embedded demo prompts.
+        dataset_split (`str`, *optional*, defaults to `"train"`):
+            Split to read.
+        dataset_fraction (`float`, *optional*, defaults to `1.0`):
+            Share of the distinct prompts to train on (the paper used 0.4 of PKU-SafeRLHF).
+        harmful_column (`str`, *optional*):
+            Boolean column marking harmful prompts; by default derived from PKU-SafeRLHF's safety labels.
+        rewards (`list[str]`, *optional*, defaults to `["refusal"]`):
+            Reward functions among `refusal`, `guard_endpoint`, `local_guard`; weight them with `reward_weights`.
+        guard_base_url (`str`, *optional*):
+            OpenAI-compatible endpoint of the guard model (e.g. `http://localhost:8000/v1`), for `guard_endpoint`.
+        guard_model (`str`, *optional*):
+            Model name served at `guard_base_url`, or the local guard model for `local_guard`.
+        over_refusal_penalty (`float`, *optional*, defaults to `1.0`):
+            Penalty scale of the refusal reward for refusing benign prompts.
+    """
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Safety prompts: Hub id, local file or folder; default: the embedded demo prompts."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of the safety dataset."})
+    dataset_fraction: float = field(
+        default=1.0, metadata={"help": "Share of the distinct safety prompts to train on (the paper used 0.4)."}
+    )
+    harmful_column: str | None = field(
+        default=None, metadata={"help": "Boolean column marking harmful prompts (default: from safety labels)."}
+    )
+    rewards: list[str] = field(
+        default_factory=lambda: ["refusal"],
+        metadata={"help": f"Reward functions among {', '.join(REWARD_CHOICES)}; weight them with `reward_weights`."},
+    )
+    guard_base_url: str | None = field(
+        default=None, metadata={"help": "OpenAI-compatible endpoint of the guard model, for `guard_endpoint`."}
+    )
+    guard_model: str | None = field(
+        default=None, metadata={"help": "Guard model served at `guard_base_url`, or loaded locally for `local_guard`."}
+    )
+    over_refusal_penalty: float = field(
+        default=1.0, metadata={"help": "Penalty scale for refusing benign prompts (refusal reward)."}
+    )
+
+    def __post_init__(self):
+        unknown = [name for name in self.rewards if name not in REWARD_CHOICES]
+        if unknown:
+            raise ValueError(f"Unknown reward(s) {unknown}; choose among {list(REWARD_CHOICES)}.")
+        if "guard_endpoint" in self.rewards and not (self.guard_base_url and self.guard_model):
+            raise ValueError("The `guard_endpoint` reward needs `--guard_base_url` and `--guard_model`.")
+        if "local_guard" in self.rewards and not self.guard_model:
+            raise ValueError("The `local_guard` reward needs `--guard_model` (a Hub id or local folder).")
+        if not 0.0 < self.dataset_fraction <= 1.0:
+            raise ValueError(f"`dataset_fraction` must be in (0, 1], got {self.dataset_fraction}.")
+
+
+def _calibration_dataset(arguments: CalibrateArguments, num_samples: int):
+    from .data import embedded_prompts, load_calibration_dataset
+
+    if arguments.calibration_dataset_name is None:
+        return embedded_prompts("general_calibration")
+    return load_calibration_dataset(
+        arguments.calibration_dataset_name,
+        split=arguments.calibration_dataset_split,
+        num_samples=num_samples,
+        text_column=arguments.calibration_text_column,
+    )
+
+
+def _model_init_kwargs(model_args: ModelConfig, training_args: NSPOConfig) -> dict:
+    quantization_config = get_quantization_config(model_args)
+    kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    return kwargs
+
+
+def calibrate(argv: Sequence[str]) -> None:
+    from peft import get_peft_model
+    from transformers import AutoTokenizer
+    from trl.trainer.utils import create_model_from_path
+
+    from .calibration import compute_projectors
+
+    parser = TrlParser((CalibrateArguments, NSPOConfig, ModelConfig), prog="trl-nspo calibrate")
+    arguments, training_args, model_args = parser.parse_args_and_config(args=list(argv))
+    # The loader GRPOTrainer uses, so calibration sees the model exactly as training will.
+    model = create_model_from_path(model_args.model_name_or_path, **_model_init_kwargs(model_args, training_args))
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    peft_config = get_peft_config(model_args)
+    if peft_config is not None:
+        # Constrain exactly what the adapter will adapt.
+        model = get_peft_model(model, peft_config)
+    projectors = compute_projectors(
+        model,
+        tokenizer,
+        _calibration_dataset(arguments, training_args.calibration_num_samples),
+        settings=training_args.calibration_settings(),
+        rule=training_args.null_space_rule_config(),
+        target_modules=training_args.nspo_target_modules,
+    )
+    path = projectors.save(training_args.projectors_path or training_args.output_dir)
+    print(projectors.summary())
+    print(f"Saved {len(projectors.null_dims())} module projectors ({projectors.num_bytes / 2**20:.2f} MB) to {path}.")
+
+
+def _reward_functions(arguments: TrainArguments) -> list[Callable]:
+    from .rewards import GuardEndpointReward, LocalGuardReward, RefusalReward
+
+    rewards: list[Callable] = []
+    for name in arguments.rewards:
+        if name == "refusal":
+            rewards.append(RefusalReward(over_refusal_penalty=arguments.over_refusal_penalty))
+        elif name == "guard_endpoint":
+            rewards.append(GuardEndpointReward(arguments.guard_base_url, arguments.guard_model))
+        else:
+            rewards.append(LocalGuardReward(arguments.guard_model))
+    return rewards
+
+
+def train(argv: Sequence[str]) -> None:
+    from .data import demo_safety_dataset, load_safety_prompts
+    from .nspo_trainer import NSPOTrainer
+
+    parser = TrlParser((TrainArguments, NSPOConfig, ModelConfig), prog="trl-nspo train")
+    arguments, training_args, model_args = parser.parse_args_and_config(args=list(argv))
+    training_args.model_init_kwargs = {
+        **_model_init_kwargs(model_args, training_args),
+        **(training_args.model_init_kwargs or {}),
+    }
+    if arguments.dataset_name is None:
+        train_dataset = demo_safety_dataset("train")
+    else:
+        train_dataset = load_safety_prompts(
+            arguments.dataset_name,
+            split=arguments.dataset_split,
+            fraction=arguments.dataset_fraction,
+            seed=training_args.seed,
+            harmful_column=arguments.harmful_column,
+        )
+    trainer = NSPOTrainer(
+        model=model_args.model_name_or_path,
+        reward_funcs=_reward_functions(arguments),
+        args=training_args,
+        train_dataset=train_dataset,
+        peft_config=get_peft_config(model_args),
+        calibration_dataset=_calibration_dataset(arguments, training_args.calibration_num_samples),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    dataset_name = arguments.dataset_name or "trl-nspo embedded demo prompts"
+    trainer.create_model_card(dataset_name=dataset_name)
+    trainer.accelerator.print(f"Adapter, projectors and model card saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=dataset_name)
+        trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
+
+
+def demo(argv: Sequence[str]) -> None:
+    from .demo import DemoArguments, run_demo
+
+    (arguments,) = TrlParser((DemoArguments,), prog="trl-nspo demo").parse_args_and_config(args=list(argv))
+    run_demo(arguments)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {"calibrate": calibrate, "train": train, "demo": demo}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()
