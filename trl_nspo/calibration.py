@@ -205,7 +205,7 @@ def _adapters_disabled(model: nn.Module) -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
@@ -267,7 +267,17 @@ def calibration_token_sequences(
         raise NullSpaceError("Every calibration row tokenized to nothing; check the dataset's text column.")
     generated_tokens = 0
     if settings.generate_completions and column == "prompt":
-        sequences, generated_tokens = _append_greedy_completions(model, tokenizer, sequences, settings, show_progress)
+        with _adapters_disabled(model):
+            completions = greedy_completions(
+                model,
+                tokenizer,
+                sequences,
+                settings.completion_length,
+                settings.batch_size,
+                "NSPO calibration: greedy completions" if show_progress else None,
+            )
+        sequences = [prompt + completion for prompt, completion in zip(sequences, completions, strict=True)]
+        generated_tokens = sum(len(completion) for completion in completions)
     if truncated:
         logger.warning(
             "%d of %d calibration rows were longer than calibration_max_length=%d tokens and were truncated.",
@@ -285,46 +295,49 @@ def calibration_token_sequences(
 
 
 @torch.no_grad()
-def _append_greedy_completions(
+def greedy_completions(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[int]],
-    settings: CalibrationSettings,
-    show_progress: bool,
-) -> tuple[list[list[int]], int]:
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    description: str | None = None,
+) -> list[list[int]]:
+    """
+    Token ids of `model`'s greedy completion of each prompt (ids), up to and including the first end-of-sequence
+    token. Runs in eval mode with the model's current adapter state; a progress bar is shown if `description` is set.
+    """
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
     eos_ids = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else []
     eos_ids = set([eos_ids] if isinstance(eos_ids, int) else eos_ids) | {tokenizer.eos_token_id}
-    completed = []
-    generated_tokens = 0
-    batches = range(0, len(prompts), settings.batch_size)
-    with _eval_mode(model), _adapters_disabled(model):
-        for start in tqdm(batches, desc="NSPO calibration: greedy completions", disable=not show_progress):
-            batch = prompts[start : start + settings.batch_size]
+    completions = []
+    batches = range(0, len(prompts), batch_size)
+    with eval_mode(model):
+        for start in tqdm(batches, desc=description, disable=description is None):
+            batch = prompts[start : start + batch_size]
             width = max(len(ids) for ids in batch)
             # Left padding, so every completion starts right after its prompt.
-            input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
+            input_ids = torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in batch], device=device)
             attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
             output = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                max_new_tokens=settings.completion_length,
+                max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad_id,
             )
-            for ids, row in zip(batch, output[:, width:].tolist(), strict=True):
+            for row in output[:, width:].tolist():
                 completion = []
                 for token in row:
                     completion.append(token)
                     if token in eos_ids:
                         break
-                generated_tokens += len(completion)
-                completed.append(ids + completion)
-    return completed, generated_tokens
+                completions.append(completion)
+    return completions
 
 
-def _padded_batches(
+def right_padded_batches(
     sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int, device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     # Right padding: under causal attention, pads after a sequence cannot change its real tokens' activations.
@@ -412,7 +425,7 @@ def _accumulate_covariances(
 
     handles = [modules[group[0]].register_forward_pre_hook(accumulate(group[0]), with_kwargs=True) for group in groups]
     try:
-        batches = _padded_batches(sequences, settings.batch_size, pad_id, device)
+        batches = right_padded_batches(sequences, settings.batch_size, pad_id, device)
         total = (len(sequences) + settings.batch_size - 1) // settings.batch_size
         for input_ids, attention_mask in tqdm(batches, total=total, desc=description, disable=not show_progress):
             current_mask[:] = [attention_mask.bool()]
@@ -470,8 +483,8 @@ def layer_input_covariances(
         `tuple[list[str], CovarianceAccumulator]`: the module names sharing the input, and its statistics.
     """
     device = next(model.parameters()).device
-    with _eval_mode(model), _adapters_disabled(model):
-        first_ids, first_mask = next(_padded_batches(sequences, settings.batch_size, pad_id, device))
+    with eval_mode(model), _adapters_disabled(model):
+        first_ids, first_mask = next(right_padded_batches(sequences, settings.batch_size, pad_id, device))
         groups = _shared_input_groups(model, modules, first_ids, first_mask)
         groups_per_pass = settings.groups_per_pass or len(groups)
         passes = [groups[i : i + groups_per_pass] for i in range(0, len(groups), groups_per_pass)]

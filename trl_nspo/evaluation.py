@@ -15,7 +15,7 @@ from accelerate.utils import is_peft_model
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .calibration import pad_token_id
+from .calibration import eval_mode, greedy_completions, pad_token_id, right_padded_batches
 from .rewards import refusal_score
 
 Conversation = list[dict[str, str]]
@@ -58,28 +58,9 @@ def greedy_answers(
     Returns:
         `list[str]`: the decoded answers, special tokens removed.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    pad_id = pad_token_id(tokenizer)
-    answers = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = [_prompt_ids(tokenizer, prompt) for prompt in prompts[start : start + batch_size]]
-            width = max(len(ids) for ids in batch)
-            input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
-            attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-            )
-            answers.extend(tokenizer.batch_decode(output[:, width:], skip_special_tokens=True))
-    finally:
-        model.train(was_training)
-    return [answer.strip() for answer in answers]
+    prompt_ids = [_prompt_ids(tokenizer, prompt) for prompt in prompts]
+    completions = greedy_completions(model, tokenizer, prompt_ids, max_new_tokens, batch_size)
+    return [answer.strip() for answer in tokenizer.batch_decode(completions, skip_special_tokens=True)]
 
 
 def refusal_rate(answers: list[str], threshold: float = 0.5) -> float:
@@ -109,30 +90,21 @@ def next_token_kl(
     Teacher-forcing the same reference answer (typically the base model's greedy one) makes the two distributions
     comparable token by token.
     """
-    was_training = model.training
-    model.eval()
+    sequences, prompt_lengths = [], []
+    for prompt, answer in zip(prompts, reference_answers, strict=True):
+        prompt_ids = _prompt_ids(tokenizer, prompt)
+        sequences.append(prompt_ids + tokenizer(answer, add_special_tokens=False)["input_ids"])
+        prompt_lengths.append(len(prompt_ids))
     device = next(model.parameters()).device
-    pad_id = pad_token_id(tokenizer)
+    batches = right_padded_batches(sequences, batch_size, pad_token_id(tokenizer), device)
     total_kl = 0.0
     total_tokens = 0
-    try:
-        for start in range(0, len(prompts), batch_size):
-            rows = []
-            for prompt, answer in zip(
-                prompts[start : start + batch_size], reference_answers[start : start + batch_size], strict=True
-            ):
-                prompt_ids = _prompt_ids(tokenizer, prompt)
-                answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-                rows.append((prompt_ids + answer_ids, len(prompt_ids)))
-            width = max(len(ids) for ids, _ in rows)
-            input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in rows], device=device)
-            attention_mask = torch.tensor(
-                [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows], device=device
-            )
+    with eval_mode(model):
+        for start, (input_ids, attention_mask) in zip(range(0, len(sequences), batch_size), batches, strict=True):
             # Position t predicts token t+1: score the predictions of answer tokens only.
             answer_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
-            for row, (ids, prompt_length) in enumerate(rows):
-                answer_mask[row, prompt_length - 1 : len(ids) - 1] = True
+            for row in range(input_ids.shape[0]):
+                answer_mask[row, prompt_lengths[start + row] - 1 : len(sequences[start + row]) - 1] = True
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
             with base_model_context(model):
                 base_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
@@ -141,8 +113,6 @@ def next_token_kl(
             ).sum(-1)
             total_kl += kl[answer_mask].sum().item()
             total_tokens += int(answer_mask.sum().item())
-    finally:
-        model.train(was_training)
     return total_kl / max(total_tokens, 1)
 
 
