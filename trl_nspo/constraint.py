@@ -188,36 +188,44 @@ class NullSpaceConstraint:
         allowed = {id(entry.parameter) for entry in self.weights} | self.lora_b_parameters
         return [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in allowed]
 
-    @torch.no_grad()
+    def _projected(self, entry: _ConstrainedWeight) -> torch.Tensor:
+        """`entry`'s parameter put back into its null space (for full fine-tuning: its change since the start)."""
+        current = entry.parameter.data.float()
+        if self.is_lora:
+            return entry.basis.project_rows(current)
+        if entry.basis.stores_null:
+            return entry.anchor + entry.basis.project_rows(current - entry.anchor)
+        # W₀ + (W − W₀)·(I − R·Rᵀ) = W − (W·R − W₀·R)·Rᵀ
+        basis = entry.basis.basis
+        return current - (current @ basis - entry.anchor) @ basis.T
+
+    def drift(self) -> float:
+        """
+        ‖part outside the null space‖ / ‖parameters‖ over all constrained weights, changing nothing (for LoRA, the
+        part of A outside the null space; for full fine-tuning, the part of the change since the start outside it).
+        """
+        return self._measure_and_project(write=False)
+
     def project_parameters(self) -> float:
         """
         Puts every constrained parameter back into its null space.
 
         Returns:
-            `float`: ‖part removed‖ / ‖parameters‖ over all constrained weights (for LoRA, the share of A outside the
-            null space; for full fine-tuning, of the change since the start), i.e. how far the optimizer drifted.
+            `float`: the [`~NullSpaceConstraint.drift`] before projecting, i.e. how far the optimizer drifted.
         """
+        return self._measure_and_project(write=True)
+
+    @torch.no_grad()
+    def _measure_and_project(self, write: bool) -> float:
         removed_sq = 0.0
         total_sq = 0.0
         for entry in self.weights:
-            weight = entry.parameter.data
-            if self.is_lora:
-                projected = entry.basis.project_rows(weight.float())
-                removed_sq += torch.linalg.matrix_norm(weight.float() - projected).item() ** 2
-                total_sq += torch.linalg.matrix_norm(weight.float()).item() ** 2
-                weight.copy_(projected.to(weight.dtype))
-                continue
-            current = weight.float()
-            basis = entry.basis.basis
-            if entry.basis.stores_null:
-                delta = current - entry.anchor
-                projected = entry.anchor + entry.basis.project_rows(delta)
-            else:
-                # W₀ + (W − W₀)·(I − R·Rᵀ) = W − (W·R − W₀·R)·Rᵀ
-                projected = current - (current @ basis - entry.anchor) @ basis.T
+            current = entry.parameter.data.float()
+            projected = self._projected(entry)
             removed_sq += torch.linalg.matrix_norm(current - projected).item() ** 2
             total_sq += torch.linalg.matrix_norm(current).item() ** 2
-            weight.copy_(projected.to(weight.dtype))
+            if write:
+                entry.parameter.data.copy_(projected.to(entry.parameter.dtype))
         return math.sqrt(removed_sq / total_sq) if total_sq > 0 else 0.0
 
     @torch.no_grad()

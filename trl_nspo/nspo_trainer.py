@@ -1,10 +1,14 @@
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
 
 from datasets import Dataset
+from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
+from transformers.trainer_utils import sort_checkpoints
 from trl import GRPOConfig, GRPOTrainer
 
 from .calibration import (
@@ -17,6 +21,7 @@ from .calibration import (
 from .constraint import NullSpaceConstraint, UnsupportedSetupError, check_peft_config
 from .model_card import render_model_card
 from .nspo_config import NSPOConfig
+from .null_space import NullSpaceError
 from .projectors import NullSpaceProjectors, ProjectorFileError
 
 logger = logging.getLogger(__name__)
@@ -92,7 +97,7 @@ class NSPOTrainer(GRPOTrainer):
 
         super().__init__(model, reward_funcs, args, *grpo_args, **grpo_kwargs)
 
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or _has_sharded_parameters(self.model):
             raise UnsupportedSetupError(_ENGINE_MESSAGE)
         self.projectors = self._load_or_compute_projectors(calibration_dataset)
         self.constraint = NullSpaceConstraint(self.model, self.projectors, args.nspo_target_modules)
@@ -176,8 +181,17 @@ class NSPOTrainer(GRPOTrainer):
         # Only the summed gradient of an accumulation window is used, and projection is linear: project it once.
         if self.accelerator.sync_gradients:
             kept_fraction = self.constraint.project_gradients()
-            if kept_fraction is not None:
-                self._metrics["train"]["nspo/kept_gradient_fraction"].append(kept_fraction)
+            if kept_fraction is None:
+                return loss
+            # fp16's gradient scaler skips steps with inf/NaN gradients itself; otherwise the optimizer would write
+            # NaN into every constrained weight, and the next checkpoint would save it.
+            if not math.isfinite(kept_fraction) and self.accelerator.scaler is None:
+                raise NullSpaceError(
+                    f"The gradient of the constrained weights is non-finite at step {self.state.global_step + 1} "
+                    f"(loss {loss.item():.4g}); nothing was stepped. Resume from the last checkpoint with a lower "
+                    "`learning_rate`, `max_grad_norm` set, or float32/bf16 instead of float16 weights."
+                )
+            self._metrics["train"]["nspo/kept_gradient_fraction"].append(kept_fraction)
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -189,6 +203,16 @@ class NSPOTrainer(GRPOTrainer):
                 logs["nspo/preservation_error"] = errors["mean"]
                 logs["nspo/preservation_error_max"] = errors["max"]
         super().log(logs, start_time)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """
+        Trains as [`~trl.GRPOTrainer.train`] does. With `resume_from_checkpoint=True`, resumes from the newest
+        *complete* checkpoint in `output_dir`: one a crash cut short (no `trainer_state.json`, which is written
+        last) is skipped with a warning instead of failing the resume.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = _last_complete_checkpoint(self.args.output_dir)
+        return super().train(resume_from_checkpoint, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # A checkpoint is only a valid resume point for the null spaces it was trained in.
@@ -206,7 +230,16 @@ class NSPOTrainer(GRPOTrainer):
                 "original calibration data and settings, or set `projectors_path` to the checkpoint."
             )
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self.constraint.project_parameters()
+        # A checkpoint NSPOTrainer wrote is in the null space up to float32 rounding; leaving it as it is keeps the
+        # resumed run bitwise equal to an uninterrupted one. Only an adapter edited since is projected.
+        drift = self.constraint.drift()
+        if drift > _RESUME_DRIFT_TOLERANCE and not self.args.gradient_projection_only:
+            warnings.warn(
+                f"The constrained weights in {resume_from_checkpoint} were {drift:.2e} outside their null space "
+                "(edited after saving?); projected them back.",
+                stacklevel=2,
+            )
+            self.constraint.project_parameters()
 
     def create_model_card(
         self,
@@ -265,10 +298,28 @@ def _existing_projectors_file(projectors_path: str | None) -> Path | None:
     return path if path.is_file() else None
 
 
+def _last_complete_checkpoint(output_dir: str) -> str:
+    checkpoints = sort_checkpoints(output_dir) if os.path.isdir(output_dir) else []
+    complete = [path for path in checkpoints if os.path.isfile(os.path.join(path, "trainer_state.json"))]
+    for skipped in checkpoints[checkpoints.index(complete[-1]) + 1 :] if complete else checkpoints:
+        warnings.warn(f"Skipping {skipped}: it has no trainer_state.json (a save cut short).", stacklevel=3)
+    if not complete:
+        raise ValueError(f"No complete checkpoint found in output directory ({output_dir}) to resume from.")
+    return complete[-1]
+
+
+def _has_sharded_parameters(model: nn.Module) -> bool:
+    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
+
+
+# A resumed LoRA A this far outside its null space was not left there by NSPOTrainer (which leaves ~1e-7).
+_RESUME_DRIFT_TOLERANCE = 1e-5
+
 _ENGINE_MESSAGE = (
-    "NSPOTrainer does not support DeepSpeed or FSDP yet: they shard or hide `.grad` and overwrite parameters from "
-    "their own master copies, so the null-space projection would silently do nothing. Use single-device or DDP "
-    "training (`accelerate launch --multi_gpu`), with QLoRA for large models."
+    "NSPOTrainer does not support DeepSpeed, FSDP or models sharded at load time (`distributed_config`, `tp_plan`) "
+    "yet: they shard or hide `.grad` and overwrite parameters from their own master copies, so the null-space "
+    "projection would silently do nothing. Use single-device or DDP training (`accelerate launch --multi_gpu`), with "
+    "QLoRA for large models."
 )
 
 
