@@ -29,5 +29,6 @@ test: lint
 test-quick: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest -q -m "not slow"
 
+# The main job on the embedded default, offline. Extra flags: make demo ARGS="--compare_grpo true".
 demo: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/trl-nspo demo
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/trl-nspo demo $(ARGS)
