@@ -1,6 +1,7 @@
 """End-to-end tests of NSPOTrainer on the tiny offline model: the null-space guarantee, and what is refused."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +65,16 @@ def lora(**overrides):
     return LoraConfig(**{"r": 4, "target_modules": "all-linear", **overrides})
 
 
+def build_nspo(model, tmp_path, peft_config=None, calibration=CALIBRATION, **overrides) -> NSPOTrainer:
+    """NSPOTrainer on TRAIN with the length reward and the tests' settings (`config`), `overrides` applied."""
+    if isinstance(model, Path):
+        model = str(model)
+    args = NSPOConfig(**config(tmp_path, **overrides))
+    return NSPOTrainer(
+        model, length_reward, args, train_dataset=TRAIN, calibration_dataset=calibration, peft_config=peft_config
+    )
+
+
 def output_change_on_calibration_inputs(trainer) -> float:
     """‖ΔW·K‖ / ‖W·K‖ over every constrained layer, K = all calibration tokens (exact, from K·Kᵀ)."""
     model = trainer.model
@@ -94,14 +105,7 @@ def lora_a_weights(model) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 class TestPreservation:
     def test_nspo_preserves_outputs_where_grpo_does_not(self, tiny_model_dir, tmp_path):
-        nspo = NSPOTrainer(
-            str(tiny_model_dir),
-            length_reward,
-            NSPOConfig(**config(tmp_path)),
-            train_dataset=TRAIN,
-            calibration_dataset=CALIBRATION,
-            peft_config=lora(),
-        )
+        nspo = build_nspo(tiny_model_dir, tmp_path, peft_config=lora())
         start = lora_a_weights(nspo.model)
         nspo.train()
         nspo_change = output_change_on_calibration_inputs(nspo)
@@ -134,29 +138,46 @@ class TestPreservation:
         assert max(preservation) <= 1e-5
 
     def test_gradient_accumulation_keeps_the_guarantee(self, tiny_model_dir, tmp_path):
-        trainer = NSPOTrainer(
-            str(tiny_model_dir),
-            length_reward,
-            NSPOConfig(**config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)),
-            train_dataset=TRAIN,
-            calibration_dataset=CALIBRATION,
-            peft_config=lora(),
+        trainer = build_nspo(
+            tiny_model_dir, tmp_path, peft_config=lora(), per_device_train_batch_size=2, gradient_accumulation_steps=2
         )
         trainer.train()
         assert trainer.state.global_step == 4
         assert output_change_on_calibration_inputs(trainer) <= 1e-6
 
     def test_gradient_projection_alone_leaks_under_adam(self, tiny_model_dir, tmp_path):
-        trainer = NSPOTrainer(
-            str(tiny_model_dir),
-            length_reward,
-            NSPOConfig(**config(tmp_path, gradient_projection_only=True)),
-            train_dataset=TRAIN,
-            calibration_dataset=CALIBRATION,
-            peft_config=lora(init_lora_weights="gaussian"),
+        trainer = build_nspo(
+            tiny_model_dir, tmp_path, peft_config=lora(init_lora_weights="gaussian"), gradient_projection_only=True
         )
         trainer.train()
         assert output_change_on_calibration_inputs(trainer) > 1e-4
+
+    @pytest.mark.parametrize("gradient_projection_only", [False, True])
+    def test_every_generation_samples_from_projected_adapters(
+        self, tiny_model_dir, tmp_path, gradient_projection_only
+    ):
+        # With `use_vllm`, TRL merges the adapter into the weights it sends to vLLM at the first generation of each
+        # step (`_generate_single_turn` → `sync_weights`): the adapter must already be back in its null space there.
+        trainer = build_nspo(
+            tiny_model_dir,
+            tmp_path,
+            peft_config=lora(init_lora_weights="gaussian"),
+            gradient_projection_only=gradient_projection_only,
+        )
+        drift_at_generation = []
+        generate = trainer._generate_single_turn
+
+        def generate_and_record(*args, **kwargs):
+            drift_at_generation.append(trainer.constraint.drift())
+            return generate(*args, **kwargs)
+
+        trainer._generate_single_turn = generate_and_record
+        trainer.train()
+        assert len(drift_at_generation) == 4
+        if gradient_projection_only:  # the control: nothing re-projects A, so generation sees it off the null space
+            assert min(drift_at_generation) > 1e-2
+        else:
+            assert max(drift_at_generation) <= 1e-6
 
     def test_full_fine_tuning_keeps_constrained_layers_outputs(self, tiny_model_dir, tmp_path):
         from transformers import AutoModelForCausalLM
@@ -188,22 +209,9 @@ class TestPreservation:
 class TestProjectorFiles:
     def test_projectors_are_saved_then_loaded_without_calibration_data(self, tiny_model_dir, tmp_path):
         path = tmp_path / "projectors"
-        first = NSPOTrainer(
-            str(tiny_model_dir),
-            length_reward,
-            NSPOConfig(**config(tmp_path, projectors_path=str(path))),
-            train_dataset=TRAIN,
-            calibration_dataset=CALIBRATION,
-            peft_config=lora(),
-        )
+        first = build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), projectors_path=str(path))
         assert (path / "nspo_projectors.safetensors").is_file()
-        second = NSPOTrainer(
-            str(tiny_model_dir),
-            length_reward,
-            NSPOConfig(**config(tmp_path, projectors_path=str(path))),
-            train_dataset=TRAIN,
-            peft_config=lora(),
-        )
+        second = build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), calibration=None, projectors_path=str(path))
         assert second.projectors.metadata() == first.projectors.metadata()
         second.save_model(str(tmp_path / "final"))
         saved = NullSpaceProjectors.load(tmp_path / "final")
@@ -222,47 +230,27 @@ class TestProjectorFiles:
             peft_config=lora(),
         )
         with pytest.raises(ProjectorFileError, match="different base weights"):
-            NSPOTrainer(
-                str(tiny_model_dir),
-                length_reward,
-                NSPOConfig(**config(tmp_path, projectors_path=str(tmp_path / "p"))),
-                train_dataset=TRAIN,
-                peft_config=lora(),
+            build_nspo(
+                tiny_model_dir, tmp_path, peft_config=lora(), calibration=None, projectors_path=str(tmp_path / "p")
             )
 
     def test_projectors_for_other_modules_are_refused(self, tiny_model_dir, tmp_path):
-        NSPOTrainer(
-            str(tiny_model_dir),
-            length_reward,
-            NSPOConfig(**config(tmp_path, projectors_path=str(tmp_path / "p"))),
-            train_dataset=TRAIN,
-            calibration_dataset=CALIBRATION,
-            peft_config=lora(target_modules=["q_proj"]),
+        build_nspo(
+            tiny_model_dir, tmp_path, peft_config=lora(target_modules=["q_proj"]), projectors_path=str(tmp_path / "p")
         )
         with pytest.raises(ProjectorFileError, match=r"Missing: model\.layers\.0\.self_attn\.k_proj"):
-            NSPOTrainer(
-                str(tiny_model_dir),
-                length_reward,
-                NSPOConfig(**config(tmp_path, projectors_path=str(tmp_path / "p"))),
-                train_dataset=TRAIN,
-                peft_config=lora(),
+            build_nspo(
+                tiny_model_dir, tmp_path, peft_config=lora(), calibration=None, projectors_path=str(tmp_path / "p")
             )
 
     def test_projectors_for_all_layers_serve_an_adapter_on_some(self, tiny_model_dir, tmp_path):
-        everything = NSPOTrainer(
-            str(tiny_model_dir),
-            length_reward,
-            NSPOConfig(**config(tmp_path, projectors_path=str(tmp_path / "p"))),
-            train_dataset=TRAIN,
-            calibration_dataset=CALIBRATION,
-            peft_config=lora(),
-        )
-        queries_only = NSPOTrainer(
-            str(tiny_model_dir),
-            length_reward,
-            NSPOConfig(**config(tmp_path, projectors_path=str(tmp_path / "p"))),
-            train_dataset=TRAIN,
+        everything = build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), projectors_path=str(tmp_path / "p"))
+        queries_only = build_nspo(
+            tiny_model_dir,
+            tmp_path,
             peft_config=lora(target_modules=["q_proj"]),
+            calibration=None,
+            projectors_path=str(tmp_path / "p"),
         )
         assert list(queries_only.projectors.null_dims()) == [
             "model.layers.0.self_attn.q_proj",
@@ -285,60 +273,38 @@ class TestRefusals:
     )
     def test_adapters_that_escape_the_projection(self, tiny_model_dir, tmp_path, overrides, message):
         with pytest.raises(UnsupportedSetupError, match=message):
-            NSPOTrainer(
-                str(tiny_model_dir),
-                length_reward,
-                NSPOConfig(**config(tmp_path)),
-                train_dataset=TRAIN,
-                calibration_dataset=CALIBRATION,
-                peft_config=lora(**overrides),
-            )
+            build_nspo(tiny_model_dir, tmp_path, peft_config=lora(**overrides))
 
     def test_modules_to_save_can_be_accepted_with_a_warning(self, tiny_model_dir, tmp_path):
         with pytest.warns(UserWarning, match="modules_to_save"):
-            trainer = NSPOTrainer(
-                str(tiny_model_dir),
-                length_reward,
-                NSPOConfig(**config(tmp_path, allow_unconstrained_parameters=True)),
-                train_dataset=TRAIN,
-                calibration_dataset=CALIBRATION,
+            trainer = build_nspo(
+                tiny_model_dir,
+                tmp_path,
                 peft_config=lora(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+                allow_unconstrained_parameters=True,
             )
         assert any("lm_head" in name for name in trainer.constraint.unconstrained_trainable_parameters(trainer.model))
 
     def test_full_fine_tuning_with_free_parameters_is_refused(self, tiny_model_dir, tmp_path):
         with pytest.raises(UnsupportedSetupError, match=r"outside the null-space constraint.*embed_tokens"):
-            NSPOTrainer(
-                str(tiny_model_dir),
-                length_reward,
-                NSPOConfig(**config(tmp_path)),
-                train_dataset=TRAIN,
-                calibration_dataset=CALIBRATION,
-            )
+            build_nspo(tiny_model_dir, tmp_path)
 
     def test_rank_above_null_dimension_is_refused(self, tiny_model_dir, tmp_path):
         with pytest.raises(
             NullSpaceError, match=r"LoRA rank exceeds the null dimension.*q_proj \(null dim \d+ < rank 32\)"
         ):
-            NSPOTrainer(
-                str(tiny_model_dir),
-                length_reward,
-                NSPOConfig(**config(tmp_path)),
-                train_dataset=TRAIN,
-                calibration_dataset=CALIBRATION,
-                peft_config=lora(r=32),
-            )
+            build_nspo(tiny_model_dir, tmp_path, peft_config=lora(r=32))
 
     def test_empty_null_space_is_refused(self, tiny_model_dir, tmp_path):
         calibration = Dataset.from_dict({"text": [" ".join(f"w{i}" for i in range(200))]})
         with pytest.raises(NullSpaceError, match="null space of .* empty"):
-            NSPOTrainer(
-                str(tiny_model_dir),
-                length_reward,
-                NSPOConfig(**config(tmp_path, null_space_alpha=1e-12, calibration_max_length=200)),
-                train_dataset=TRAIN,
-                calibration_dataset=calibration,
+            build_nspo(
+                tiny_model_dir,
+                tmp_path,
                 peft_config=lora(),
+                calibration=calibration,
+                null_space_alpha=1e-12,
+                calibration_max_length=200,
             )
 
     def test_grpo_config_is_refused(self, tiny_model_dir, tmp_path):

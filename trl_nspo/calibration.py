@@ -495,7 +495,8 @@ def layer_input_covariances(
             accumulators = _accumulate_covariances(
                 model, modules, pass_groups, sequences, pad_id, settings, show_progress, description
             )
-            for group in pass_groups:
+            # The caller decomposes each covariance between two yields: this bar shows that work.
+            for group in tqdm(pass_groups, desc="NSPO calibration: null spaces", disable=not show_progress):
                 yield group, accumulators.pop(group[0])
 
 

@@ -39,6 +39,7 @@ def greedy_answers(
     prompts: list[Conversation | str],
     max_new_tokens: int = 48,
     batch_size: int = 16,
+    description: str | None = None,
 ) -> list[str]:
     """
     Greedy answers of `model` to `prompts` (chat messages get the chat template with a generation prompt).
@@ -54,12 +55,14 @@ def greedy_answers(
             Answer length limit.
         batch_size (`int`, *optional*, defaults to `16`):
             Prompts per `generate` call.
+        description (`str`, *optional*):
+            Label of a progress bar; none is shown without it.
 
     Returns:
         `list[str]`: the decoded answers, special tokens removed.
     """
     prompt_ids = [_prompt_ids(tokenizer, prompt) for prompt in prompts]
-    completions = greedy_completions(model, tokenizer, prompt_ids, max_new_tokens, batch_size)
+    completions = greedy_completions(model, tokenizer, prompt_ids, max_new_tokens, batch_size, description)
     return [answer.strip() for answer in tokenizer.batch_decode(completions, skip_special_tokens=True)]
 
 
@@ -144,6 +147,7 @@ def evaluate(
     prompts: EvaluationPrompts,
     base_general_answers: list[str] | None = None,
     max_new_tokens: int = 48,
+    show_progress: bool = False,
 ) -> dict[str, float | None]:
     """
     Safety and general drift of `model` against its base (adapters disabled).
@@ -159,20 +163,27 @@ def evaluate(
             The base model's greedy answers to `prompts.general`, if already computed.
         max_new_tokens (`int`, *optional*, defaults to `48`):
             Answer length limit.
+        show_progress (`bool`, *optional*, defaults to `False`):
+            Show a progress bar per prompt set.
 
     Returns:
         `dict`: `refusal_rate_harmful`, `over_refusal_rate_benign`, `general_accuracy`, `general_kl` (mean
         next-token KL to the base on its own greedy answers) and `greedy_agreement` (share of general prompts whose
         greedy answer is unchanged).
     """
+
+    def answers(prompt_set: str) -> list[str]:
+        description = f"Evaluating: {prompt_set} prompts" if show_progress else None
+        return greedy_answers(model, tokenizer, getattr(prompts, prompt_set), max_new_tokens, description=description)
+
     if base_general_answers is None:
         with base_model_context(model):
-            base_general_answers = greedy_answers(model, tokenizer, prompts.general, max_new_tokens)
-    general_answers = greedy_answers(model, tokenizer, prompts.general, max_new_tokens)
+            base_general_answers = answers("general")
+    general_answers = answers("general")
     unchanged = sum(a == b for a, b in zip(general_answers, base_general_answers, strict=True))
     return {
-        "refusal_rate_harmful": refusal_rate(greedy_answers(model, tokenizer, prompts.harmful, max_new_tokens)),
-        "over_refusal_rate_benign": refusal_rate(greedy_answers(model, tokenizer, prompts.benign, max_new_tokens)),
+        "refusal_rate_harmful": refusal_rate(answers("harmful")),
+        "over_refusal_rate_benign": refusal_rate(answers("benign")),
         "general_accuracy": answer_accuracy(general_answers, prompts.general_answers)
         if prompts.general_answers is not None
         else None,
