@@ -24,6 +24,8 @@ def test_demo_trains_evaluates_and_writes_everything(tiny_model_dir, tmp_path, c
             "--calibration_completion_length", "4",
             "--eval_max_new_tokens", "4",
             "--lora_r", "2",
+            # The tiny random model spreads its inputs' energy evenly: ε = 1e-3 leaves some inputs no null space.
+            "--null_space_energy", "0.05",
             "--compare_grpo", "true",
         ]
     )  # fmt: skip
@@ -41,7 +43,7 @@ def test_demo_trains_evaluates_and_writes_everything(tiny_model_dir, tmp_path, c
     assert set(results["training_wall_time_s"]) == {"NSPO", "GRPO"}
 
     projectors = NullSpaceProjectors.load(output_dir)
-    assert projectors.rule.rule == "energy" and projectors.rule.energy == 1e-3
+    assert projectors.rule.rule == "energy" and projectors.rule.energy == 0.05
     assert (output_dir / "adapter_model.safetensors").is_file()
     card = (output_dir / "README.md").read_text()
     assert METRIC_LABELS["refusal_rate_harmful"] in card

@@ -28,15 +28,6 @@ from trl_nspo.calibration import (
 BF16_UNIT_ROUNDOFF = 2.0**-8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's matrices are too small for threads: on a busy machine, waiting for them costs 100× the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def nf4_config(compute_dtype: torch.dtype = torch.float32) -> BitsAndBytesConfig:
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
 

@@ -175,7 +175,8 @@ class NullSpaceConstraint:
         if empty:
             raise NullSpaceError(
                 f"The null space of {len(empty)} module(s) is empty, so they could not train at all: {empty[:6]}. "
-                "Raise `null_space_alpha` (or use the 'energy' rule), or exclude them with `nspo_target_modules`."
+                "Raise `null_space_alpha` (relative rule) or `null_space_energy` (energy rule), or exclude them with "
+                "`nspo_target_modules`."
             )
         if too_small:
             raise NullSpaceError(
