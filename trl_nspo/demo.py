@@ -116,6 +116,11 @@ def grpo_settings(arguments: DemoArguments, output_dir: Path) -> dict:
     }
 
 
+def _table_cell(value: float) -> str:
+    # NSPO's drift is orders of magnitude below GRPO's: three decimals would show it as zero.
+    return f"{value:>10.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:>10.1e}"
+
+
 def _print_table(columns: dict[str, dict[str, float | None]], wall_times: dict[str, float]) -> None:
     names = list(columns)
     print("\n" + f"{'':44}" + "".join(f"{name:>10}" for name in names))
@@ -123,7 +128,7 @@ def _print_table(columns: dict[str, dict[str, float | None]], wall_times: dict[s
         cells = []
         for name in names:
             value = columns[name].get(key)
-            cells.append(f"{'n/a':>10}" if value is None else f"{value:>10.3f}")
+            cells.append(f"{'n/a':>10}" if value is None else _table_cell(value))
         print(f"{label:44}" + "".join(cells))
     times = [f"{wall_times[name]:>10.0f}" if name in wall_times else f"{'':>10}" for name in names]
     print(f"{'training wall time (s)':44}" + "".join(times))
