@@ -10,18 +10,14 @@ import math
 import bitsandbytes as bnb
 import pytest
 import torch
-from test_trainer import CALIBRATION, TRAIN, config, length_reward, lora
+from test_trainer import CALIBRATION, TRAIN, config, length_reward, lora, output_change_on_calibration_inputs
 from transformers import BitsAndBytesConfig
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_nspo import NSPOConfig, NSPOTrainer
 from trl_nspo.calibration import (
-    CalibrationSettings,
     base_linear,
-    calibration_token_sequences,
     find_constrained_modules,
-    layer_input_covariances,
-    pad_token_id,
 )
 
 # bfloat16 keeps 8 significant bits: rounding moves each entry by at most 2⁻⁸ of its size.
@@ -35,27 +31,6 @@ def nf4_config(compute_dtype: torch.dtype = torch.float32) -> BitsAndBytesConfig
 def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
     weight = base_linear(module).weight
     return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).double()
-
-
-def lora_output_change(trainer) -> float:
-    """‖s·B·A·K‖ / ‖W·K‖ over every LoRA layer of a 4-bit model, K = all calibration tokens (exact, from K·Kᵀ)."""
-    model = trainer.model
-    settings = CalibrationSettings(completion_length=8, sketch_dim=0)
-    sequences, _ = calibration_token_sequences(model, trainer.processing_class, CALIBRATION, settings, False)
-    modules = find_constrained_modules(model)
-    delta_sq = base_sq = 0.0
-    for names, accumulator in layer_input_covariances(
-        model, modules, sequences, pad_token_id(trainer.processing_class), settings, False
-    ):
-        covariance = accumulator.sum
-        for name in names:
-            module = modules[name]
-            delta = module.lora_B["default"].weight.double() @ module.lora_A["default"].weight.double()
-            delta = delta * module.scaling["default"]
-            weight = dequantized_weight(module)
-            delta_sq += torch.trace(delta @ covariance @ delta.T).item()
-            base_sq += torch.trace(weight @ covariance @ weight.T).item()
-    return math.sqrt(delta_sq / base_sq)
 
 
 def projection_matrix(basis) -> torch.Tensor:
@@ -93,7 +68,7 @@ def grpo_output_change(tiny_model_dir, tmp_path_factory) -> float:
         quantization_config=nf4_config(),
     )
     trainer.train()
-    return lora_output_change(trainer)
+    return output_change_on_calibration_inputs(trainer, dequantized_weight)
 
 
 @pytest.mark.slow
@@ -123,7 +98,7 @@ def test_bf16_adapters_stay_in_the_null_space_up_to_rounding(
     assert residual <= 1.5 * floor
     assert min(p.abs().max().item() for n, p in trainer.model.named_parameters() if "lora_B" in n) > 0
     # Relative to the layers' outputs, the change is below what bfloat16 activations resolve, and far below GRPO's.
-    change = lora_output_change(trainer)
+    change = output_change_on_calibration_inputs(trainer, dequantized_weight)
     assert change <= BF16_UNIT_ROUNDOFF / 4
     assert grpo_output_change >= 1e-2
     assert change <= grpo_output_change / 100

@@ -75,8 +75,11 @@ def build_nspo(model, tmp_path, peft_config=None, calibration=CALIBRATION, **ove
     )
 
 
-def output_change_on_calibration_inputs(trainer) -> float:
-    """‖ΔW·K‖ / ‖W·K‖ over every constrained layer, K = all calibration tokens (exact, from K·Kᵀ)."""
+def output_change_on_calibration_inputs(trainer, base_weight=None) -> float:
+    """
+    ‖ΔW·K‖ / ‖W·K‖ over every constrained layer, K = all calibration tokens (exact, from K·Kᵀ, in float64).
+    `base_weight(module)` gives W where the layer's weight is not a plain tensor (a 4-bit one: dequantize it).
+    """
     model = trainer.model
     settings = CalibrationSettings(completion_length=8, sketch_dim=0)
     sequences, _ = calibration_token_sequences(model, trainer.processing_class, CALIBRATION, settings, False)
@@ -88,9 +91,10 @@ def output_change_on_calibration_inputs(trainer) -> float:
         covariance = accumulator.sum
         for name in names:
             module = modules[name]
-            weight = base_linear(module).weight.double()
-            if hasattr(module, "get_delta_weight"):
-                delta = module.get_delta_weight("default").double()
+            weight = base_linear(module).weight.double() if base_weight is None else base_weight(module)
+            if hasattr(module, "lora_A"):
+                delta = module.lora_B["default"].weight.double() @ module.lora_A["default"].weight.double()
+                delta = delta * module.scaling["default"]
             else:
                 delta = weight - trainer.initial_weights[name]
             delta_sq += torch.trace(delta @ covariance @ delta.T).item()
