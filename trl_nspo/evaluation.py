@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, Trainer
 
 from .calibration import eval_mode, greedy_completions, pad_token_id, right_padded_batches
 from .rewards import refusal_score
@@ -30,6 +30,14 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Conversation | str) 
     if isinstance(prompt, str):
         return tokenizer(prompt)["input_ids"]
     return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True)["input_ids"])
+
+
+def float32_model(trainer: Trainer) -> nn.Module:
+    """
+    The trainer's model with accelerate's mixed-precision wrapper taken off its `forward`, so that evaluating it
+    after a bf16 run reads the float32 weights in float32 (the wrapper would otherwise keep autocasting).
+    """
+    return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
 
 
 @torch.no_grad()

@@ -1,0 +1,519 @@
+"""Is NSPO as safe as GRPO, without the tax? The safety gain of plain GRPO, NSPO and gradient projection alone, trained
+long enough for GRPO to learn to refuse, over several seeds; and the trade-off front of NSPO's settings.
+
+SmolLM2-135M-Instruct, LoRA r=8 (α=16) on q/k/v/o/gate/up/down, 50 optimizer steps of 1 prompt × 4 completions of ≤ 32
+tokens, the graded refusal reward (`RefusalReward`) on the embedded 60 harmful + 30 benign-but-risky training prompts,
+no KL term, bf16 autocast where the CPU has bf16 instructions (float32 master weights; evaluation in float32). Every
+arm of one seed gets the same seed, data, steps and hyperparameters; what differs is named by the arm:
+
+- `grpo`: plain `GRPOTrainer` at the arm's learning rate;
+- `nspo`: `NSPOTrainer` (the two-line change) with a null-space rule, learning rate, rank or constrained subset;
+- `grad_only`: NSPO with `gradient_projection_only=True` (the ablation: gradients projected, parameters not).
+
+Per run it records, measured on held-out prompts that training never sees (greedy answers of ≤ 24 tokens, float32):
+refusal rate on `harmful_eval`, over-refusal on `benign_eval`, general drift on `general_eval` (next-token KL to the
+base model along its greedy answers, share of greedy answers unchanged, accuracy on checkable answers), the reward
+curve, NSPO's kept-gradient fraction ‖g·P‖/‖g‖ (pooled, and per module kind) and the wall time.
+
+Every run is appended to a JSON-lines file as soon as it ends, and a run already there is skipped, so an interrupted
+invocation resumes where it stopped and several invocations (main table, front) share one file.
+
+    python bench/safety_gain.py --seeds 0 1 2                 # main table: GRPO, NSPO, grad-only × 3 seeds
+    python bench/safety_gain.py --front --seeds 0             # the trade-off front, one run per setting
+    python bench/safety_gain.py --report                      # tables, CIs and the front plot from the file
+    python bench/safety_gain.py --quick                       # smoke test: a few minutes
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from harness import (
+    NSPO_ONLY_FIELDS,
+    StepTimer,
+    environment,
+    evaluation_prompts,
+    model_dir,
+    parse_arguments,
+    results_path,
+    write_results,
+)
+from peft import LoraConfig
+from transformers import AutoTokenizer, set_seed
+from trl import GRPOConfig, GRPOTrainer
+
+from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError
+from trl_nspo.data import demo_safety_dataset, embedded_prompts
+from trl_nspo.demo import bf16_supported
+from trl_nspo.evaluation import base_model_context, evaluate, float32_model, greedy_answers
+from trl_nspo.rewards import RefusalReward
+
+MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training configuration. `key` names it in the results file; the other fields are what it changes."""
+
+    key: str
+    method: str  # "grpo", "nspo" or "grad_only"
+    learning_rate: float = 5e-4
+    rule: str = "energy"
+    energy: float = 1e-3
+    alpha: float = 5e-5
+    max_null_dim: int | None = None
+    lora_r: int = 8
+    # Constrained modules (NSPO): None = every LoRA layer; MLP-only leaves attention's LoRA unconstrained, as the
+    # original NSPO code did.
+    constrained: tuple[str, ...] | None = None
+
+    @property
+    def projectors_key(self) -> str:
+        """Arms with the same key share one calibration (the rule and the constrained modules decide it)."""
+        threshold = self.energy if self.rule == "energy" else self.alpha
+        return f"{self.rule}-{threshold:.0e}-max{self.max_null_dim}-{'mlp' if self.constrained else 'all'}"
+
+    @property
+    def label(self) -> str:
+        if self.method == "grpo":
+            return f"GRPO lr={self.learning_rate:.0e}" + (f" r={self.lora_r}" if self.lora_r != 8 else "")
+        rule = f"α={self.alpha:.0e}" if self.rule == "relative" else f"ε={self.energy:.0e}"
+        parts = [("NSPO grad-only" if self.method == "grad_only" else "NSPO"), rule, f"lr={self.learning_rate:.0e}"]
+        if self.max_null_dim is not None:
+            parts.append(f"max {self.max_null_dim}")
+        if self.lora_r != 8:
+            parts.append(f"r={self.lora_r}")
+        if self.constrained:
+            parts.append("MLP-only")
+        return " ".join(parts)
+
+
+# The main comparison: every arm at the GRPO run's learning rate, and NSPO at the learning rate the front chose.
+MAIN_ARMS = (
+    Arm("grpo", "grpo"),
+    Arm("nspo", "nspo"),
+    Arm("grad_only", "grad_only"),
+    Arm("nspo_lr5e-3", "nspo", learning_rate=5e-3),
+)
+FRONT_ARMS = (
+    Arm("nspo_lr2e-3", "nspo", learning_rate=2e-3),
+    Arm("nspo_lr2e-2", "nspo", learning_rate=2e-2),
+    Arm("nspo_eps1e-2_lr5e-3", "nspo", learning_rate=5e-3, energy=1e-2),
+    Arm("nspo_eps1e-4_lr5e-3", "nspo", learning_rate=5e-3, energy=1e-4),
+    Arm("nspo_alpha1e-3_lr5e-3", "nspo", learning_rate=5e-3, rule="relative", alpha=1e-3),
+    Arm("nspo_max64_lr5e-3", "nspo", learning_rate=5e-3, max_null_dim=64),
+    Arm("nspo_mlp_lr5e-3", "nspo", learning_rate=5e-3, constrained=tuple(MLP_MODULES)),
+    Arm("nspo_r16_lr5e-3", "nspo", learning_rate=5e-3, lora_r=16),
+    Arm("grpo_lr5e-3", "grpo", learning_rate=5e-3),
+)
+ARMS = {arm.key: arm for arm in MAIN_ARMS + FRONT_ARMS}
+
+METRICS = (
+    ("refusal_rate_harmful", "refusal rate, held-out harmful (↑)", ".3f"),
+    ("safety_gain", "safety gain over base (↑)", ".3f"),
+    ("over_refusal_rate_benign", "over-refusal, held-out benign (↓)", ".3f"),
+    ("general_kl", "general drift: next-token KL to base (↓)", ".2e"),
+    ("greedy_agreement", "general: greedy answers unchanged (↑)", ".3f"),
+    ("general_accuracy", "general: checkable answers right (↑)", ".3f"),
+    ("reward_last", "training reward, last 10 steps (↑)", ".3f"),
+    ("kept_gradient_fraction", "kept-gradient fraction ‖g·P‖/‖g‖", ".3f"),
+    ("train_seconds", "training wall time (s)", ".0f"),
+)
+QUICK_SETTINGS = {"seeds": [0], "max_steps": 2, "max_completion_length": 8, "eval_num_samples": 4}
+
+
+@dataclass
+class SafetyGainArguments:
+    """
+    Arguments of `bench/safety_gain.py`.
+
+    Args:
+        arms (`list[str]`, *optional*):
+            Arm keys to train (see `ARMS`); default: the main comparison, or with `front` the front's arms.
+        front (`bool`, *optional*, defaults to `False`):
+            Train the front's arms (`FRONT_ARMS`) instead of the main comparison.
+        report (`bool`, *optional*, defaults to `False`):
+            Train nothing: print the tables and write the summary and plot from the runs file.
+        seeds (`list[int]`, *optional*, defaults to `[0, 1, 2]`):
+            Seeds; every arm is trained once per seed.
+        max_steps (`int`, *optional*, defaults to `50`):
+            Optimizer steps per run.
+        num_generations (`int`, *optional*, defaults to `4`):
+            Completions per prompt (one prompt per step).
+        max_completion_length (`int`, *optional*, defaults to `32`):
+            Tokens per sampled completion.
+        bf16 (`bool`, *optional*):
+            bf16 autocast in training; default: where the CPU (or GPU) supports bf16.
+        eval_num_samples (`int`, *optional*):
+            Held-out prompts per set; `None` uses all (30 harmful, 30 benign, 40 general).
+        eval_max_new_tokens (`int`, *optional*, defaults to `24`):
+            Tokens of each greedy evaluation answer.
+        runs_file (`str`, *optional*):
+            JSON-lines file of the runs; default `bench/results/safety_gain_runs[_quick].jsonl`.
+        quick (`bool`, *optional*, defaults to `False`):
+            Tiny settings for a smoke test (writes to the `_quick` files).
+    """
+
+    arms: list[str] | None = field(default=None, metadata={"help": "Arm keys to train (default: main or front)."})
+    front: bool = field(default=False, metadata={"help": "Train the front's arms."})
+    report: bool = field(default=False, metadata={"help": "Only report from the runs file."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds."})
+    max_steps: int = field(default=50, metadata={"help": "Optimizer steps per run."})
+    num_generations: int = field(default=4, metadata={"help": "Completions per prompt."})
+    max_completion_length: int = field(default=32, metadata={"help": "Tokens per sampled completion."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: if supported)."})
+    eval_num_samples: int | None = field(default=None, metadata={"help": "Held-out prompts per set."})
+    eval_max_new_tokens: int = field(default=24, metadata={"help": "Tokens of each greedy evaluation answer."})
+    runs_file: str | None = field(default=None, metadata={"help": "JSON-lines file of the runs."})
+    quick: bool = field(default=False, metadata={"help": "Tiny settings for a smoke test."})
+
+    def __post_init__(self) -> None:
+        if self.runs_file is None:
+            self.runs_file = str(results_path("safety_gain_runs", self.quick).with_suffix(".jsonl"))
+        if self.bf16 is None:
+            self.bf16 = bf16_supported()
+        if self.arms is None:
+            self.arms = [arm.key for arm in (FRONT_ARMS if self.front else MAIN_ARMS)]
+        unknown = sorted(set(self.arms) - set(ARMS))
+        if unknown:
+            raise ValueError(f"Unknown arms {unknown}; known: {sorted(ARMS)}.")
+
+    def settings(self) -> dict:
+        """What must match for two runs to be comparable (stored with every run)."""
+        return {
+            "max_steps": self.max_steps,
+            "num_generations": self.num_generations,
+            "max_completion_length": self.max_completion_length,
+            "bf16": self.bf16,
+            "eval_num_samples": self.eval_num_samples,
+            "eval_max_new_tokens": self.eval_max_new_tokens,
+        }
+
+
+class KeptGradientByKind:
+    """
+    Records, at every projection of the gradients, the kept fraction ‖g·P‖/‖g‖ of each module kind (`q_proj`, …,
+    `down_proj`): which modules carry the safety gradient, and how much of it lies in their null spaces.
+    """
+
+    def __init__(self, constraint):
+        self.kept_sq: dict[str, float] = {}
+        self.total_sq: dict[str, float] = {}
+        project = constraint.project_gradients
+
+        def recorded() -> float | None:
+            with torch.no_grad():
+                for entry in constraint.weights:
+                    if entry.parameter.grad is None:
+                        continue
+                    gradient = entry.parameter.grad.float()
+                    kind = entry.module_name.rsplit(".", 1)[-1]
+                    kept = entry.basis.project_rows(gradient)
+                    self.kept_sq[kind] = self.kept_sq.get(kind, 0.0) + kept.square().sum().item()
+                    self.total_sq[kind] = self.total_sq.get(kind, 0.0) + gradient.square().sum().item()
+            return project()
+
+        constraint.project_gradients = recorded
+
+    def fractions(self) -> dict[str, float]:
+        return {kind: math.sqrt(self.kept_sq[kind] / total) for kind, total in self.total_sq.items() if total > 0}
+
+
+def training_config(arguments: SafetyGainArguments, arm: Arm, seed: int, output_dir: Path) -> dict:
+    return {
+        "output_dir": str(output_dir),
+        "use_cpu": not torch.cuda.is_available(),
+        "bf16": arguments.bf16,
+        "gradient_checkpointing": False,
+        "per_device_train_batch_size": arguments.num_generations,
+        "num_generations": arguments.num_generations,
+        "max_completion_length": arguments.max_completion_length,
+        "max_steps": arguments.max_steps,
+        "learning_rate": arm.learning_rate,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": seed,
+        "beta": 0.0,
+        # Evaluation and calibration run in float32; only training autocasts.
+        "model_init_kwargs": {"dtype": torch.float32},
+        "disable_tqdm": True,
+    }
+
+
+def train_and_evaluate(arguments: SafetyGainArguments, arm: Arm, seed: int, model_path: Path, base: dict) -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    output_dir = Path(arguments.runs_file).parent / "tmp" / f"{arm.key}-seed{seed}"
+    config = training_config(arguments, arm, seed, output_dir)
+    lora = LoraConfig(r=arm.lora_r, lora_alpha=2 * arm.lora_r, target_modules="all-linear")
+    common = {"train_dataset": demo_safety_dataset("train"), "peft_config": lora, "processing_class": tokenizer}
+    record: dict = {"arm": arm.key, "arm_settings": asdict(arm), "seed": seed, "settings": arguments.settings()}
+    set_seed(seed)
+    started = time.perf_counter()
+    if arm.method == "grpo":
+        config = {key: value for key, value in config.items() if key not in NSPO_ONLY_FIELDS}
+        trainer = GRPOTrainer(str(model_path), RefusalReward(), GRPOConfig(**config), **common)
+    else:
+        nspo = NSPOConfig(
+            **config,
+            calibration_num_samples=80,
+            calibration_completion_length=16,
+            calibration_batch_size=16,
+            null_space_rule=arm.rule,
+            null_space_energy=arm.energy,
+            null_space_alpha=arm.alpha,
+            null_space_max_dim=arm.max_null_dim,
+            nspo_target_modules=list(arm.constrained) if arm.constrained else None,
+            allow_unconstrained_parameters=arm.constrained is not None,
+            # One calibration per rule and constrained set, shared by every seed and learning rate.
+            projectors_path=str(Path(arguments.runs_file).parent / "tmp" / "projectors" / arm.projectors_key),
+            gradient_projection_only=arm.method == "grad_only",
+        )
+        try:
+            trainer = NSPOTrainer(
+                str(model_path),
+                RefusalReward(),
+                nspo,
+                calibration_dataset=embedded_prompts("general_calibration"),
+                **common,
+            )
+        except NullSpaceError as error:
+            return {**record, "refused": str(error)}
+    record["setup_seconds"] = time.perf_counter() - started
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    by_kind = KeptGradientByKind(trainer.constraint) if arm.method != "grpo" else None
+    started = time.perf_counter()
+    trainer.train()
+    record["train_seconds"] = time.perf_counter() - started
+    record["step_seconds_median"] = statistics.median(timer.durations)
+    history = trainer.state.log_history
+    record["reward_curve"] = [entry["reward"] for entry in history if "reward" in entry]
+    kept = [entry["nspo/kept_gradient_fraction"] for entry in history if "nspo/kept_gradient_fraction" in entry]
+    record["kept_gradient_curve"] = kept
+    if by_kind is not None:
+        record["kept_gradient_by_kind"] = by_kind.fractions()
+    started = time.perf_counter()
+    metrics = evaluate(
+        float32_model(trainer), tokenizer, base["prompts"], base["general_answers"], arguments.eval_max_new_tokens
+    )
+    record["evaluation_seconds"] = time.perf_counter() - started
+    record["metrics"] = {
+        **metrics,
+        "safety_gain": metrics["refusal_rate_harmful"] - base["metrics"]["refusal_rate_harmful"],
+        "reward_last": statistics.fmean(record["reward_curve"][-10:]),
+        "kept_gradient_fraction": statistics.fmean(kept) if kept else None,
+        "train_seconds": record["train_seconds"],
+    }
+    return record
+
+
+def base_evaluation(arguments: SafetyGainArguments, model_path: Path) -> dict:
+    """The base model's held-out metrics and greedy general answers (cached beside the runs file)."""
+    cache = Path(arguments.runs_file).with_name(Path(arguments.runs_file).stem + "_base.json")
+    prompts = evaluation_prompts(arguments.eval_num_samples)
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored["settings"] == arguments.settings():
+            return {**stored, "prompts": prompts}
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    with base_model_context(model):
+        answers = greedy_answers(model, tokenizer, prompts.general, arguments.eval_max_new_tokens)
+        metrics = evaluate(model, tokenizer, prompts, answers, arguments.eval_max_new_tokens)
+    stored = {"settings": arguments.settings(), "metrics": metrics, "general_answers": answers}
+    write_results(cache, stored)
+    return {**stored, "prompts": prompts}
+
+
+def read_runs(path: Path, settings: dict) -> list[dict]:
+    if not path.is_file():
+        return []
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [run for run in runs if run["settings"] == settings]
+
+
+# Two-sided 95% Student t quantiles by degrees of freedom (n - 1).
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def mean_ci(values: Iterable[float | None]) -> dict:
+    """Mean and 95% confidence half-width (Student t over seeds; `None` for one seed)."""
+    kept = [value for value in values if value is not None]
+    if not kept:
+        return {"mean": None, "ci95": None, "n": 0}
+    half = T_95[len(kept) - 1] * statistics.stdev(kept) / math.sqrt(len(kept)) if len(kept) > 1 else None
+    return {"mean": statistics.fmean(kept), "ci95": half, "n": len(kept)}
+
+
+def summarise(runs: list[dict]) -> dict:
+    summary: dict = {}
+    for key in dict.fromkeys(run["arm"] for run in runs):
+        arm_runs = [run for run in runs if run["arm"] == key]
+        trained = [run for run in arm_runs if "refused" not in run]
+        summary[key] = {
+            "label": Arm(**arm_runs[0]["arm_settings"]).label,
+            "seeds": [run["seed"] for run in trained],
+            "refused": [run["refused"] for run in arm_runs if "refused" in run],
+            **{metric: mean_ci(run["metrics"][metric] for run in trained) for metric, _, _ in METRICS},
+        }
+        kinds = [run.get("kept_gradient_by_kind") for run in trained if run.get("kept_gradient_by_kind")]
+        if kinds:
+            summary[key]["kept_gradient_by_kind"] = {
+                kind: statistics.fmean(k[kind] for k in kinds) for kind in kinds[0]
+            }
+    return summary
+
+
+def shares(runs: list[dict], arm: str, reference: str = "grpo") -> dict:
+    """`arm`'s share of `reference`'s safety gain and KL drift: ratio of the means, and per seed (paired)."""
+    by_seed = {
+        key: {run["seed"]: run["metrics"] for run in runs if run["arm"] == key and "refused" not in run}
+        for key in (arm, reference)
+    }
+    seeds = sorted(set(by_seed[arm]) & set(by_seed[reference]))
+    if not seeds:
+        return {}
+
+    def ratio(metric: str, seed_list: list[int]) -> float | None:
+        denominator = statistics.fmean(by_seed[reference][s][metric] for s in seed_list)
+        numerator = statistics.fmean(by_seed[arm][s][metric] for s in seed_list)
+        return numerator / denominator if denominator > 0 else None
+
+    return {
+        "seeds": seeds,
+        "safety_gain_share": ratio("safety_gain", seeds),
+        "general_kl_share": ratio("general_kl", seeds),
+        "safety_gain_share_per_seed": {s: ratio("safety_gain", [s]) for s in seeds},
+    }
+
+
+def format_cell(stats: dict, spec: str) -> str:
+    if stats["mean"] is None:
+        return "n/a"
+    if stats["ci95"] is None:
+        return f"{stats['mean']:{spec}}"
+    return f"{stats['mean']:{spec}} ± {stats['ci95']:{spec}}"
+
+
+def print_table(base: dict, summary: dict, keys: list[str]) -> str:
+    width = 22
+    lines = [f"{'(mean ± 95% CI over seeds)':44}{'base':>{width}}" + "".join(f"{k:>{width}}" for k in keys)]
+    for metric, label, spec in METRICS:
+        base_value = base["metrics"].get(metric, 0.0 if metric == "safety_gain" else None)
+        base_cell = "" if base_value is None else f"{base_value:{spec}}"
+        cells = "".join(f"{format_cell(summary[k][metric], spec):>{width}}" for k in keys)
+        lines.append(f"{label:44}{base_cell:>{width}}{cells}")
+    lines.append(f"{'seeds':44}{'':>{width}}" + "".join(f"{str(summary[k]['seeds']):>{width}}" for k in keys))
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def plot_front(summary: dict, base: dict, path: Path) -> Path | None:
+    """Safety gain against general drift (next-token KL), one point per setting, GRPO and grad-only as references."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): no plot.")
+        return None
+    figure, axis = plt.subplots(figsize=(8, 5.5))
+    for index, (key, row) in enumerate(summary.items()):
+        if row["general_kl"]["mean"] is None:
+            continue
+        settings = ARMS[key] if key in ARMS else None
+        method = settings.method if settings else "nspo"
+        marker = {"grpo": "s", "grad_only": "D"}.get(method, "o")
+        color = {"grpo": "black", "grad_only": "grey"}.get(method, f"C{index % 10}")
+        axis.errorbar(
+            max(row["general_kl"]["mean"], 1e-7),
+            row["safety_gain"]["mean"],
+            yerr=row["safety_gain"]["ci95"],
+            fmt=marker,
+            color=color,
+            label=f"{row['label']} (n={row['safety_gain']['n']})",
+        )
+    axis.set_xscale("log")
+    axis.set_xlabel("general drift: next-token KL to base on held-out general prompts (log)")
+    axis.set_ylabel("safety gain: Δ refusal rate on held-out harmful prompts")
+    axis.axhline(0.0, color="lightgrey", linewidth=0.8)
+    axis.legend(fontsize=7, loc="best")
+    axis.set_title(
+        f"SmolLM2-135M-Instruct, LoRA on all linear layers; base refusal {base['metrics']['refusal_rate_harmful']:.3f}"
+        "\nerror bars: 95% CI over seeds where n > 1",
+        fontsize=9,
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def report(arguments: SafetyGainArguments, base: dict) -> dict:
+    runs = read_runs(Path(arguments.runs_file), arguments.settings())
+    summary = summarise(runs)
+    main_keys = [arm.key for arm in MAIN_ARMS if arm.key in summary]
+    print("\nMain comparison")
+    table = print_table(base, summary, main_keys)
+    print("\nFront (one row per setting)")
+    front_table = (
+        print_table(base, summary, [key for key in summary if key not in main_keys])
+        if len(summary) > len(main_keys)
+        else ""
+    )
+    result = {
+        "settings": arguments.settings(),
+        "environment": environment(),
+        "base": base["metrics"],
+        "summary": summary,
+        "shares": {key: shares(runs, key) for key in summary if key != "grpo"},
+        "table": table,
+        "front_table": front_table,
+    }
+    for key, share in result["shares"].items():
+        if share.get("safety_gain_share") is not None:
+            print(
+                f"{key}: {share['safety_gain_share']:.0%} of GRPO's safety gain, "
+                f"{share['general_kl_share']:.2%} of its KL drift (seeds {share['seeds']})"
+            )
+    name = "safety_gain_quick" if arguments.quick else "safety_gain"
+    plot = plot_front(summary, base, results_path(name, False).with_suffix(".png"))
+    result["plot"] = str(plot) if plot else None
+    write_results(results_path(name, False), result)
+    return result
+
+
+def main(arguments: SafetyGainArguments) -> None:
+    model_path = model_dir(None)
+    base = base_evaluation(arguments, model_path)
+    if not arguments.report:
+        runs_file = Path(arguments.runs_file)
+        done = {(run["arm"], run["seed"]) for run in read_runs(runs_file, arguments.settings())}
+        for seed in arguments.seeds:
+            for key in arguments.arms:
+                if (key, seed) in done:
+                    continue
+                print(f"== {ARMS[key].label}, seed {seed}", flush=True)
+                record = train_and_evaluate(arguments, ARMS[key], seed, model_path, base)
+                record["environment"] = environment()
+                runs_file.parent.mkdir(parents=True, exist_ok=True)
+                with runs_file.open("a") as handle:
+                    handle.write(json.dumps(record, default=str) + "\n")
+                print(json.dumps(record.get("metrics") or record.get("refused")), flush=True)
+    report(arguments, base)
+
+
+if __name__ == "__main__":
+    main(parse_arguments(SafetyGainArguments, lambda arguments: QUICK_SETTINGS))
