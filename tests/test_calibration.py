@@ -204,6 +204,19 @@ class TestComputeProjectors:
             adapted_projection = adapted.groups[key].basis.project_rows(torch.eye(group.basis.input_dim))
             torch.testing.assert_close(projection, adapted_projection, atol=1e-5, rtol=0)
 
+    def test_adapters_off_passes_keep_every_requires_grad(self, tiny_model, tiny_tokenizer):
+        # PEFT's `disable_adapter()` makes adapter weights trainable on exit; LoRA-FA's frozen A must stay frozen.
+        peft_model = get_peft_model(tiny_model, LoraConfig(r=2, target_modules="all-linear"))
+        for name, parameter in peft_model.named_parameters():
+            if "lora_A" in name:
+                parameter.requires_grad_(False)
+        requires_grad = {name: p.requires_grad for name, p in peft_model.named_parameters()}
+        dataset = Dataset.from_dict({"prompt": CHAT_PROMPTS})
+        compute_projectors(
+            peft_model, tiny_tokenizer, dataset, CalibrationSettings(completion_length=3), show_progress=False
+        )
+        assert {name: p.requires_grad for name, p in peft_model.named_parameters()} == requires_grad
+
     def test_null_dimension_follows_the_token_count(self, tiny_model, tiny_tokenizer):
         dataset = Dataset.from_dict({"text": ["What is 12 times 7? It is 84."]})
         settings = CalibrationSettings(generate_completions=False, sketch_dim=0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import build_tiny_model, build_tiny_tokenizer
 from datasets import Dataset
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError, NullSpaceProjectors, ProjectorFileError
@@ -65,13 +65,21 @@ def lora(**overrides):
     return LoraConfig(**{"r": 4, "target_modules": "all-linear", **overrides})
 
 
-def build_nspo(model, tmp_path, peft_config=None, calibration=CALIBRATION, **overrides) -> NSPOTrainer:
+def build_nspo(
+    model, tmp_path, peft_config=None, calibration=CALIBRATION, processing_class=None, **overrides
+) -> NSPOTrainer:
     """NSPOTrainer on TRAIN with the length reward and the tests' settings (`config`), `overrides` applied."""
     if isinstance(model, Path):
         model = str(model)
     args = NSPOConfig(**config(tmp_path, **overrides))
     return NSPOTrainer(
-        model, length_reward, args, train_dataset=TRAIN, calibration_dataset=calibration, peft_config=peft_config
+        model,
+        length_reward,
+        args,
+        train_dataset=TRAIN,
+        calibration_dataset=calibration,
+        peft_config=peft_config,
+        processing_class=processing_class,
     )
 
 
@@ -278,6 +286,36 @@ class TestRefusals:
     def test_adapters_that_escape_the_projection(self, tiny_model_dir, tmp_path, overrides, message):
         with pytest.raises(UnsupportedSetupError, match=message):
             build_nspo(tiny_model_dir, tmp_path, peft_config=lora(**overrides))
+
+    @pytest.mark.parametrize(
+        "overrides, message",
+        [({"init_lora_weights": "pissa"}, "rewrites the base weights"), ({"use_dora": True}, "DoRA")],
+    )
+    def test_every_adapter_of_a_peft_model_is_checked(self, tiny_model, tmp_path, overrides, message):
+        # Before: only an adapter named "default" was checked; PiSSA as "safety" changed logits by 0.52 at start-up.
+        model = get_peft_model(tiny_model, lora(**overrides), adapter_name="safety")
+        with pytest.raises(UnsupportedSetupError, match=f"Adapter 'safety': .*{message}"):
+            build_nspo(model, tmp_path, processing_class=build_tiny_tokenizer())
+
+    def test_an_already_trained_adapter_is_refused(self, tiny_model, tmp_path):
+        # Before: its A was projected at start-up, changing the logits on a calibration prompt by 1.16, silently.
+        model = get_peft_model(tiny_model, lora())
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.1)
+        with pytest.raises(UnsupportedSetupError, match=r"LoRA B weights are not zero.*merge_and_unload\(\)"):
+            build_nspo(model, tmp_path, processing_class=build_tiny_tokenizer())
+
+    def test_a_fresh_peft_model_keeps_the_parameters_it_froze(self, tiny_model, tmp_path):
+        # LoRA-FA: A frozen at its (projected) init, B trained. Before: calibration's adapters-off pass unfroze all A.
+        model = get_peft_model(tiny_model, lora(), adapter_name="safety")
+        for name, parameter in model.named_parameters():
+            if "lora_A" in name:
+                parameter.requires_grad_(False)
+        requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        trainer = build_nspo(model, tmp_path, processing_class=build_tiny_tokenizer())
+        assert {name: p.requires_grad for name, p in trainer.model.named_parameters()} == requires_grad
+        assert trainer.constraint.drift() <= 1e-6
 
     def test_modules_to_save_can_be_accepted_with_a_warning(self, tiny_model_dir, tmp_path):
         with pytest.warns(UserWarning, match="modules_to_save"):

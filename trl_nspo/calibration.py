@@ -200,8 +200,20 @@ def calibration_source_fingerprint(dataset: Dataset, settings: CalibrationSettin
     return digest.hexdigest()
 
 
-def _adapters_disabled(model: nn.Module) -> contextlib.AbstractContextManager:
-    return model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
+@contextlib.contextmanager
+def _adapters_disabled(model: nn.Module) -> Iterator[None]:
+    if not is_peft_model(model):
+        yield
+        return
+    # On exit PEFT makes every active adapter weight trainable again, which would unfreeze weights frozen on purpose
+    # (LoRA-FA's A): put back each parameter's own `requires_grad`.
+    requires_grad = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        for parameter, flag in requires_grad:
+            parameter.requires_grad_(flag)
 
 
 @contextlib.contextmanager

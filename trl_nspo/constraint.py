@@ -83,6 +83,49 @@ def check_peft_config(peft_config: PeftConfig | None, allow_unconstrained_parame
     return []
 
 
+def check_peft_model(model: nn.Module | str, allow_unconstrained_parameters: bool = False) -> list[str]:
+    """
+    Refuses a PEFT model passed in ready-made whose adapters change general-task outputs outside the projection, or
+    that already carry a trained update.
+
+    Every adapter's configuration is checked, whatever its name and whether it is active: an inactive PiSSA/OLoRA
+    adapter has already rewritten the base weights when it was added.
+
+    Args:
+        model (`nn.Module` or `str`):
+            The model passed to the trainer; anything but a [`~peft.PeftModel`] passes.
+        allow_unconstrained_parameters (`bool`, *optional*, defaults to `False`):
+            Turn the refusal of `modules_to_save` into a warning.
+
+    Returns:
+        `list[str]`: warnings to show the user.
+    """
+    if not isinstance(model, nn.Module) or not is_peft_model(model):
+        return []
+    messages = []
+    for adapter_name, peft_config in model.peft_config.items():
+        try:
+            messages += check_peft_config(peft_config, allow_unconstrained_parameters)
+        except UnsupportedSetupError as error:
+            raise UnsupportedSetupError(f"Adapter {adapter_name!r}: {error}") from error
+    trained = [
+        f"{name} ({adapter})"
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer)
+        for adapter in module.active_adapters
+        if adapter in module.lora_B and bool(module.lora_B[adapter].weight.detach().any())
+    ]
+    if trained:
+        raise UnsupportedSetupError(
+            f"The model passed in has an adapter whose LoRA B weights are not zero in {len(trained)} layer(s), e.g. "
+            f"{trained[:3]}: it already changes the base model's outputs (a trained adapter, or one created with "
+            "`init_lora_weights=False`). NSPO keeps an update that starts at zero in the null space; projecting this "
+            "adapter's A would silently change what it does. Merge it into the base model "
+            "(`model = model.merge_and_unload()`) and train a new adapter on top (`peft_config=LoraConfig(...)`)."
+        )
+    return messages
+
+
 @dataclass
 class _ConstrainedWeight:
     """One parameter whose rows must stay in a null space, with what is needed to measure its output change."""

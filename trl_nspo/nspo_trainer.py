@@ -18,7 +18,7 @@ from .calibration import (
     constrained_input_dim,
     find_constrained_modules,
 )
-from .constraint import NullSpaceConstraint, UnsupportedSetupError, check_peft_config
+from .constraint import NullSpaceConstraint, UnsupportedSetupError, check_peft_config, check_peft_model
 from .model_card import render_model_card
 from .nspo_config import NSPOConfig
 from .null_space import NullSpaceError
@@ -85,9 +85,11 @@ class NSPOTrainer(GRPOTrainer):
             )
         _refuse_unsupported_engines(args)
         peft_config = grpo_kwargs.get("peft_config")
-        if peft_config is None and hasattr(model, "peft_config"):
-            peft_config = model.peft_config.get("default")
-        for message in check_peft_config(peft_config, args.allow_unconstrained_parameters):
+        if peft_config is not None:
+            messages = check_peft_config(peft_config, args.allow_unconstrained_parameters)
+        else:
+            messages = check_peft_model(model, args.allow_unconstrained_parameters)
+        for message in messages:
             warnings.warn(message, stacklevel=2)
         if calibration_dataset is None and _existing_projectors_file(args.projectors_path or args.output_dir) is None:
             raise ValueError(
