@@ -201,7 +201,8 @@ def calibration_source_fingerprint(dataset: Dataset, settings: CalibrationSettin
 
 
 @contextlib.contextmanager
-def _adapters_disabled(model: nn.Module) -> Iterator[None]:
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """A context in which `model` runs as its base model (PEFT adapters disabled); a no-op for plain models."""
     if not is_peft_model(model):
         yield
         return
@@ -279,7 +280,7 @@ def calibration_token_sequences(
         raise NullSpaceError("Every calibration row tokenized to nothing; check the dataset's text column.")
     generated_tokens = 0
     if settings.generate_completions and column == "prompt":
-        with _adapters_disabled(model):
+        with adapters_disabled(model):
             completions = greedy_completions(
                 model,
                 tokenizer,
@@ -495,7 +496,7 @@ def layer_input_covariances(
         `tuple[list[str], CovarianceAccumulator]`: the module names sharing the input, and its statistics.
     """
     device = next(model.parameters()).device
-    with eval_mode(model), _adapters_disabled(model):
+    with eval_mode(model), adapters_disabled(model):
         first_ids, first_mask = next(right_padded_batches(sequences, settings.batch_size, pad_id, device))
         groups = _shared_input_groups(model, modules, first_ids, first_mask)
         groups_per_pass = settings.groups_per_pass or len(groups)
