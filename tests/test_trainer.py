@@ -1,6 +1,7 @@
 """End-to-end tests of NSPOTrainer on the tiny offline model: the null-space guarantee, and what is refused."""
 
 import math
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -327,9 +328,19 @@ class TestRefusals:
             )
         assert any("lm_head" in name for name in trainer.constraint.unconstrained_trainable_parameters(trainer.model))
 
-    def test_full_fine_tuning_with_free_parameters_is_refused(self, tiny_model_dir, tmp_path):
-        with pytest.raises(UnsupportedSetupError, match=r"outside the null-space constraint.*embed_tokens"):
-            build_nspo(tiny_model_dir, tmp_path)
+    def test_full_fine_tuning_with_free_parameters_is_refused_with_the_code_that_fixes_it(self, tiny_model, tmp_path):
+        with pytest.raises(UnsupportedSetupError, match=r"outside the null-space constraint.*embed_tokens") as error:
+            build_nspo(tiny_model, tmp_path, processing_class=build_tiny_tokenizer())
+        code = (
+            "for name, parameter in model.named_parameters():\n"
+            "    if name.endswith(('embed_tokens.weight', 'norm.weight', 'lm_head.weight')):\n"
+            "        parameter.requires_grad_(False)"
+        )
+        assert textwrap.indent(code, "    ") in str(error.value)
+        assert "allow_unconstrained_parameters=True" in str(error.value)
+        exec(code, {"model": tiny_model})
+        trainer = build_nspo(tiny_model, tmp_path, processing_class=build_tiny_tokenizer())
+        assert len(trainer.constraint.weights) == 14
 
     def test_rank_above_null_dimension_is_refused(self, tiny_model_dir, tmp_path):
         with pytest.raises(

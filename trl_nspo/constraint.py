@@ -232,6 +232,32 @@ class NullSpaceConstraint:
         allowed = {id(entry.parameter) for entry in self.weights} | self.lora_b_parameters
         return [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in allowed]
 
+    def freezing_code(self, model: nn.Module) -> str | None:
+        """
+        Python that freezes exactly the unconstrained trainable parameters of `model` (full fine-tuning), for error
+        messages: the shortest name suffixes that match them and no constrained weight. `None` if there is none.
+        """
+        constrained = {
+            name for name, p in model.named_parameters() if id(p) in {id(e.parameter) for e in self.weights}
+        }
+        suffixes: list[str] = []
+        for name in self.unconstrained_trainable_parameters(model):
+            parts = name.split(".")
+            candidates = (".".join(parts[-length:]) for length in range(1, len(parts) + 1))
+            suffix = next((s for s in candidates if not any(c.endswith(s) for c in constrained)), None)
+            if suffix is None:
+                return None
+            suffixes.append(suffix)
+        # A suffix that ends with a shorter one already listed adds nothing ("input_layernorm.weight", "norm.weight").
+        kept = [s for s in dict.fromkeys(suffixes) if not any(s != t and s.endswith(t) for t in suffixes)]
+        if not kept:
+            return None
+        return (
+            "for name, parameter in model.named_parameters():\n"
+            f"    if name.endswith({tuple(kept)!r}):\n"
+            "        parameter.requires_grad_(False)"
+        )
+
     def _projected(self, entry: _ConstrainedWeight) -> torch.Tensor:
         """`entry`'s parameter put back into its null space (for full fine-tuning: its change since the start)."""
         current = entry.parameter.data.float()

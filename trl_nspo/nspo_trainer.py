@@ -1,6 +1,7 @@
 import logging
 import math
 import os
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -172,9 +173,15 @@ class NSPOTrainer(GRPOTrainer):
             f"general-task outputs: {unconstrained[:6]}{' …' if len(unconstrained) > 6 else ''}."
         )
         if not self.args.allow_unconstrained_parameters:
+            code = None if self.constraint.is_lora else self.constraint.freezing_code(self.model)
+            freeze = (
+                f" Freeze them before creating the trainer:\n\n{textwrap.indent(code, '    ')}\n\nor"
+                if code
+                else " Freeze them (`requires_grad_(False)`),"
+            )
             raise UnsupportedSetupError(
-                message + " Freeze them (`requires_grad_(False)`), constrain them (`nspo_target_modules`), or set "
-                "`allow_unconstrained_parameters=True` to accept this."
+                f"{message}{freeze} constrain them (`nspo_target_modules`), or set "
+                "`allow_unconstrained_parameters=True` to accept this (the original NSPO code trains them freely)."
             )
         warnings.warn(message, stacklevel=3)
 
