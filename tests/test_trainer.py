@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model, build_tiny_tokenizer
+from conftest import build_tiny_gpt2, build_tiny_model, build_tiny_tokenizer
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
+from transformers.pytorch_utils import Conv1D
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError, NullSpaceProjectors, ProjectorFileError
@@ -106,6 +107,8 @@ def output_change_on_calibration_inputs(trainer, base_weight=None) -> float:
                 delta = delta * module.scaling["default"]
             else:
                 delta = weight - trainer.initial_weights[name]
+            if isinstance(base_linear(module), Conv1D):  # weight stored as (d_in, d_out)
+                weight, delta = weight.T, delta.T
             delta_sq += torch.trace(delta @ covariance @ delta.T).item()
             base_sq += torch.trace(weight @ covariance @ weight.T).item()
     return math.sqrt(delta_sq / base_sq)
@@ -217,6 +220,38 @@ class TestPreservation:
             for n, m in find_constrained_modules(model, targets).items()
         )
         assert moved > 1e-5
+
+    def test_full_fine_tuning_of_gpt2_conv1d_layers(self, tmp_path):
+        # Before: refused with "No linear layer to constrain was found".
+        tokenizer = build_tiny_tokenizer()
+        changes = {}
+        for trainer_class in (NSPOTrainer, GRPOTrainer):
+            model = build_tiny_gpt2(tokenizer)
+            conv1d = {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+            assert len(conv1d) == 8
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(name.removesuffix(".weight") in conv1d)
+            values = config(tmp_path / trainer_class.__name__, learning_rate=1e-3)
+            if trainer_class is NSPOTrainer:
+                args, extra = NSPOConfig(**values), {"calibration_dataset": CALIBRATION}
+            else:
+                values = {k: v for k, v in values.items() if not k.startswith(("calibration", "null"))}
+                args, extra = GRPOConfig(**values), {}
+            trainer = trainer_class(
+                model, length_reward, args, train_dataset=TRAIN, processing_class=tokenizer, **extra
+            )
+            trainer.initial_weights = {
+                name: module.weight.detach().double().clone()
+                for name, module in find_constrained_modules(model).items()
+            }
+            trainer.train()
+            changes[trainer_class] = output_change_on_calibration_inputs(trainer)
+            if trainer_class is NSPOTrainer:
+                assert len(trainer.constraint.weights) == 8
+                logged = [e["nspo/preservation_error"] for e in trainer.state.log_history if "loss" in e]
+        assert changes[NSPOTrainer] <= 1e-6
+        assert changes[GRPOTrainer] >= 1e-3
+        assert max(logged) <= 1e-5  # the logged metric reads the transposed weight the right way round
 
 
 class TestProjectorFiles:

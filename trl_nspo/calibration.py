@@ -25,6 +25,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
 
 from .null_space import CovarianceAccumulator, NullSpaceError, NullSpaceRule, null_space_from_covariance
 from .projectors import NullSpaceProjectors, ProjectorGroup
@@ -106,7 +107,8 @@ def find_constrained_modules(
     The linear modules whose updates NSPO keeps in the null space, by canonical name.
 
     With a PEFT model, these are the LoRA-adapted linear layers (the update is B·A, and A is projected); otherwise the
-    `nn.Linear` layers (including bitsandbytes ones) except the output embedding.
+    `nn.Linear` layers (including bitsandbytes ones) and GPT-2-style `Conv1D` layers (linear, with the weight stored
+    transposed), except the output embedding.
 
     Args:
         model (`nn.Module`):
@@ -130,7 +132,7 @@ def find_constrained_modules(
     else:
         output_embeddings = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
         for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and module is not output_embeddings:
+            if isinstance(module, (nn.Linear, Conv1D)) and module is not output_embeddings:
                 candidates[canonical_module_name(name)] = module
             elif target_modules is not None and _name_matches(canonical_module_name(name), target_modules):
                 if len(list(module.children())) == 0 and any(p.requires_grad for p in module.parameters()):
@@ -157,8 +159,8 @@ def base_linear(module: nn.Module) -> nn.Module:
 
 
 def constrained_input_dim(module: nn.Module) -> int:
-    """Input size d of a constrained LoRA layer or linear layer (both expose `in_features`)."""
-    return module.in_features
+    """Input size d of a constrained LoRA layer, linear layer or GPT-2 `Conv1D` (which calls it `nx`)."""
+    return module.nx if isinstance(module, Conv1D) else module.in_features
 
 
 def base_weight_fingerprints(modules: dict[str, nn.Module]) -> dict[str, str]:

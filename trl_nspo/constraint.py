@@ -16,6 +16,7 @@ from accelerate.utils import is_peft_model
 from peft import LoraConfig, PeftConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .calibration import base_linear, find_constrained_modules
 from .null_space import NullSpaceBasis, NullSpaceError
@@ -133,14 +134,20 @@ class _ConstrainedWeight:
     module_name: str
     parameter: nn.Parameter
     basis: NullSpaceBasis
-    # Full fine-tuning only: the part of the starting weight outside the null space (W₀·R when R is stored, else
-    # W₀ itself), so that W ← W₀ + (W − W₀)·P can be applied without a full copy when R is smaller.
+    # Full fine-tuning only: the part of the starting weight (one row per output) outside the null space (W₀·R when R
+    # is stored, else W₀ itself), so that W ← W₀ + (W − W₀)·P can be applied without a full copy when R is smaller.
     anchor: torch.Tensor | None = None
     # Rows = a sketch of the calibration inputs; `base_outputs` = W₀ applied to them (full fine-tuning), and
     # `base_output_norm` = ‖W₀·K·S‖ for the preservation ratio.
     sketch_rows: torch.Tensor | None = None
     base_outputs: torch.Tensor | None = None
     base_output_norm: float = 0.0
+    # GPT-2's `Conv1D` stores its weight as (d_in, d_out): the rows that must stay in the null space are its columns.
+    transposed: bool = False
+
+    def as_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (laid out as the parameter) with one row per output, or back: the transpose is its own inverse."""
+        return tensor.T if self.transposed else tensor
 
 
 class NullSpaceConstraint:
@@ -172,13 +179,14 @@ class NullSpaceConstraint:
         for name, module in modules.items():
             for parameter in self._constrained_parameters(module):
                 basis = bases[name].to(device=parameter.device)
-                entry = _ConstrainedWeight(name, parameter, basis)
+                transposed = not self.is_lora and isinstance(module, Conv1D)
+                entry = _ConstrainedWeight(name, parameter, basis, transposed=transposed)
                 if not self.is_lora:
-                    start = parameter.detach().float()
+                    start = entry.as_rows(parameter.detach().float())
                     entry.anchor = start.clone() if basis.stores_null else start @ basis.basis
                 sketch = sketches.get(name)
                 if sketch is not None:
-                    entry.sketch_rows = sketch.T.to(device=parameter.device, dtype=torch.float32)
+                    entry.sketch_rows = sketch.T.contiguous().to(device=parameter.device, dtype=torch.float32)
                     base_outputs = self._base_outputs(module, entry.sketch_rows)
                     entry.base_output_norm = torch.linalg.matrix_norm(base_outputs.double()).item()
                     if not self.is_lora:
@@ -260,14 +268,14 @@ class NullSpaceConstraint:
 
     def _projected(self, entry: _ConstrainedWeight) -> torch.Tensor:
         """`entry`'s parameter put back into its null space (for full fine-tuning: its change since the start)."""
-        current = entry.parameter.data.float()
+        current = entry.as_rows(entry.parameter.data.float())
         if self.is_lora:
             return entry.basis.project_rows(current)
         if entry.basis.stores_null:
-            return entry.anchor + entry.basis.project_rows(current - entry.anchor)
+            return entry.as_rows(entry.anchor + entry.basis.project_rows(current - entry.anchor))
         # W₀ + (W − W₀)·(I − R·Rᵀ) = W − (W·R − W₀·R)·Rᵀ
         basis = entry.basis.basis
-        return current - (current @ basis - entry.anchor) @ basis.T
+        return entry.as_rows(current - (current @ basis - entry.anchor) @ basis.T)
 
     def drift(self) -> float:
         """
@@ -313,7 +321,7 @@ class NullSpaceConstraint:
             gradient = entry.parameter.grad
             if gradient is None:
                 continue
-            projected = entry.basis.project_rows(gradient.float())
+            projected = entry.as_rows(entry.basis.project_rows(entry.as_rows(gradient.float())))
             total_sq += torch.linalg.matrix_norm(gradient.float()).item() ** 2
             kept_sq += torch.linalg.matrix_norm(projected).item() ** 2
             gradient.copy_(projected.to(gradient.dtype))
@@ -340,7 +348,7 @@ class NullSpaceConstraint:
             if self.is_lora:
                 delta = self._lora_delta_outputs(module, entry)
             else:
-                delta = entry.sketch_rows @ entry.parameter.float().T - entry.base_outputs
+                delta = entry.sketch_rows @ entry.as_rows(entry.parameter.float()).T - entry.base_outputs
             delta_norm = torch.linalg.matrix_norm(delta.double()).item()
             delta_sq += delta_norm**2
             base_sq += entry.base_output_norm**2
