@@ -2,6 +2,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import build_tiny_gpt2
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
@@ -61,6 +62,19 @@ class TestConstrainedModules:
     def test_non_linear_target_is_refused(self, tiny_model):
         with pytest.raises(NullSpaceError, match="only constrain linear layers.*embed_tokens"):
             find_constrained_modules(tiny_model, ["embed_tokens", "q_proj"])
+
+    def test_targeted_output_embedding_is_refused_with_the_reason(self, tiny_model, tiny_tokenizer):
+        # Before: "NSPO can only constrain linear layers, but these targeted modules are not: ['lm_head']".
+        with pytest.raises(
+            NullSpaceError, match=r"`lm_head` is the output embedding.*constraining it is not implemented"
+        ):
+            find_constrained_modules(tiny_model, ["q_proj", "lm_head"])
+        with pytest.raises(NullSpaceError, match=r"`lm_head` is the output embedding.*tied to the input embeddings"):
+            find_constrained_modules(build_tiny_gpt2(tiny_tokenizer), r".*(c_attn|lm_head)")
+
+    def test_gpt2_conv1d_layers_are_constrained(self, tiny_tokenizer):
+        names = list(find_constrained_modules(build_tiny_gpt2(tiny_tokenizer)))
+        assert len(names) == 8 and "transformer.h.1.mlp.c_fc" in names and "lm_head" not in names
 
     def test_no_match_is_refused(self, tiny_model):
         with pytest.raises(NullSpaceError, match="No linear layer to constrain"):

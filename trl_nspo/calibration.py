@@ -136,6 +136,8 @@ def find_constrained_modules(
                 candidates[canonical_module_name(name)] = module
             elif target_modules is not None and _name_matches(canonical_module_name(name), target_modules):
                 if len(list(module.children())) == 0 and any(p.requires_grad for p in module.parameters()):
+                    if module is output_embeddings:
+                        raise NullSpaceError(_output_embedding_message(model, canonical_module_name(name)))
                     not_linear.append(canonical_module_name(name))
     if target_modules is not None:
         candidates = {name: module for name, module in candidates.items() if _name_matches(name, target_modules)}
@@ -151,6 +153,24 @@ def find_constrained_modules(
             "adapter's `target_modules`; otherwise check `nspo_target_modules` against `model.named_modules()`."
         )
     return candidates
+
+
+def _output_embedding_message(model: PreTrainedModel, name: str) -> str:
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        reason = (
+            "its weight is tied to the input embeddings (`tie_word_embeddings=True`), so changing it would also move "
+            "the embedding of every input token, which no null space of layer inputs can constrain"
+        )
+    else:
+        reason = (
+            "like the original method, NSPO leaves the output embedding out, and constraining it is not implemented"
+        )
+    return (
+        f"`{name}` is the output embedding (an `nn.Linear`), which NSPO does not constrain in full fine-tuning: "
+        f"{reason}. Remove it from `nspo_target_modules`, then freeze it "
+        "(`model.get_output_embeddings().requires_grad_(False)`) or let it train unconstrained "
+        "(`allow_unconstrained_parameters=True`)."
+    )
 
 
 def base_linear(module: nn.Module) -> nn.Module:
