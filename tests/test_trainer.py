@@ -254,6 +254,38 @@ class TestPreservation:
         assert max(logged) <= 1e-5  # the logged metric reads the transposed weight the right way round
 
 
+@pytest.mark.slow
+class TestLogging:
+    def test_last_steps_metrics_are_logged_when_the_run_ends_in_eval_mode(self, tiny_model_dir, tmp_path):
+        # Step 3 is not a logging step, so its metrics go to the summary log, which fires after the evaluation at the
+        # last step has left the model in eval mode.
+        args = NSPOConfig(
+            **config(
+                tmp_path,
+                max_steps=3,
+                logging_steps=2,
+                eval_strategy="steps",
+                eval_steps=2,
+                per_device_eval_batch_size=4,
+            )
+        )
+        trainer = NSPOTrainer(
+            str(tiny_model_dir),
+            length_reward,
+            args,
+            train_dataset=TRAIN,
+            eval_dataset=TRAIN.select(range(4)),
+            calibration_dataset=CALIBRATION,
+            peft_config=lora(),
+        )
+        trainer.train()
+        summary = trainer.state.log_history[-1]
+        assert "train_runtime" in summary
+        assert not trainer.model.training
+        assert {"nspo/kept_gradient_fraction", "nspo/preservation_error", "reward"} <= set(summary)
+        assert summary["nspo/preservation_error"] <= 1e-5
+
+
 class TestProjectorFiles:
     def test_projectors_are_saved_then_loaded_without_calibration_data(self, tiny_model_dir, tmp_path):
         path = tmp_path / "projectors"

@@ -204,14 +204,22 @@ class NSPOTrainer(GRPOTrainer):
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.model.training:
+        # GRPOTrainer logs the metrics of the model's mode, but the summary log ending `train()` fires after any
+        # evaluation at the last step, in eval mode: the training metrics of steps since the last log would be lost.
+        training_log = self.model.training or "train_runtime" in logs
+        if training_log:
             logs.update(self._nspo_start_logs)
             self._nspo_start_logs = {}
             errors = self.constraint.preservation_error()
             if errors:
                 logs["nspo/preservation_error"] = errors["mean"]
                 logs["nspo/preservation_error_max"] = errors["max"]
-        super().log(logs, start_time)
+        was_training = self.model.training
+        self.model.train(training_log)
+        try:
+            super().log(logs, start_time)
+        finally:
+            self.model.train(was_training)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """
