@@ -46,14 +46,21 @@ class NSPOTrainer(GRPOTrainer):
 
     Before training, the trainer runs the (PEFT-wrapped) model with adapters disabled on `calibration_dataset`,
     collects every constrained layer's uncentred input covariance K·Kᵀ, and keeps the eigen-directions with
-    negligible eigenvalues as that layer's null space. During training, the LoRA `lora_A` weights (or, in full
-    fine-tuning, the change of each constrained weight) are kept exactly in the null space: projected at the start,
-    their gradients projected on every gradient-sync step (so clipping and `grad_norm` see what is kept), and
-    projected again after every optimizer step. B·A·K = 0 then holds: the layers' general-task outputs stay unchanged.
+    negligible eigenvalues as that layer's null space. This calibration runs inside `__init__`, and with `prompt`
+    data it first calls `model.generate` there, to append the model's greedy answer to every prompt
+    (`calibration_generate_completions=False` skips that, preserving the prompts' behaviour alone).
+
+    During training, the LoRA `lora_A` weights (or, in full fine-tuning, the change of each constrained weight) are
+    kept exactly in the null space: projected at the start, their gradients projected on every gradient-sync step (so
+    clipping and `grad_norm` see what is kept), and projected again after every optimizer step. B·A·K = 0 then holds:
+    the layers' general-task outputs stay unchanged.
 
     Args:
         model, reward_funcs, args, *grpo_args, **grpo_kwargs:
-            Exactly as for [`~trl.GRPOTrainer`]; `args` must be an [`NSPOConfig`].
+            Exactly as for [`~trl.GRPOTrainer`]; `args` must be an [`NSPOConfig`]. A [`~peft.PeftModel`] passed as
+            `model` must carry a fresh adapter (B = 0): a trained one is refused, since the guarantee is about an
+            update that starts at zero. In full fine-tuning, the constrained layers are the `nn.Linear` and
+            GPT-2-style `Conv1D` layers except the LM head.
         calibration_dataset ([`~datasets.Dataset`], *optional*):
             General-task data (`prompt`, `messages` or `text` column) whose outputs must be preserved. Required
             unless `args.projectors_path` points to an existing projector file.
