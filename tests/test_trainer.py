@@ -376,14 +376,20 @@ class TestRefusals:
 
     def test_a_fresh_peft_model_keeps_the_parameters_it_froze(self, tiny_model, tmp_path):
         # LoRA-FA: A frozen at its (projected) init, B trained. Before: calibration's adapters-off pass unfroze all A.
-        model = get_peft_model(tiny_model, lora(), adapter_name="safety")
+        model = get_peft_model(tiny_model, lora())
         for name, parameter in model.named_parameters():
             if "lora_A" in name:
                 parameter.requires_grad_(False)
         requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        trainer = build_nspo(model, tmp_path, processing_class=build_tiny_tokenizer())
-        assert {name: p.requires_grad for name, p in trainer.model.named_parameters()} == requires_grad
+
+        def current():  # with beta > 0, TRL adds a frozen copy of the adapter, named "ref", for the reference model
+            return {name: p.requires_grad for name, p in trainer.model.named_parameters() if name in requires_grad}
+
+        trainer = build_nspo(model, tmp_path, processing_class=build_tiny_tokenizer(), beta=0.04, max_steps=1)
+        assert current() == requires_grad
         assert trainer.constraint.drift() <= 1e-6
+        trainer.train()  # TRL's reference pass (beta > 0) switches the adapters off and on: before, it unfroze all A
+        assert current() == requires_grad
 
     def test_modules_to_save_can_be_accepted_with_a_warning(self, tiny_model_dir, tmp_path):
         with pytest.warns(UserWarning, match="modules_to_save"):

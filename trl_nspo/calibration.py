@@ -223,20 +223,27 @@ def calibration_source_fingerprint(dataset: Dataset, settings: CalibrationSettin
 
 
 @contextlib.contextmanager
+def requires_grad_kept(model: nn.Module) -> Iterator[None]:
+    """
+    Puts back every parameter's `requires_grad` on exit. PEFT's `disable_adapter()` and `set_adapter()` make every
+    active adapter weight trainable again, which would unfreeze weights frozen on purpose (LoRA-FA's A).
+    """
+    requires_grad = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        yield
+    finally:
+        for parameter, flag in requires_grad:
+            parameter.requires_grad_(flag)
+
+
+@contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """A context in which `model` runs as its base model (PEFT adapters disabled); a no-op for plain models."""
     if not is_peft_model(model):
         yield
         return
-    # On exit PEFT makes every active adapter weight trainable again, which would unfreeze weights frozen on purpose
-    # (LoRA-FA's A): put back each parameter's own `requires_grad`.
-    requires_grad = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    try:
-        with model.disable_adapter():
-            yield
-    finally:
-        for parameter, flag in requires_grad:
-            parameter.requires_grad_(flag)
+    with requires_grad_kept(model), model.disable_adapter():
+        yield
 
 
 @contextlib.contextmanager

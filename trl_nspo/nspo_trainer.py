@@ -18,6 +18,7 @@ from .calibration import (
     compute_projectors,
     constrained_input_dim,
     find_constrained_modules,
+    requires_grad_kept,
 )
 from .constraint import NullSpaceConstraint, UnsupportedSetupError, check_peft_config, check_peft_model
 from .model_card import render_model_card
@@ -191,6 +192,11 @@ class NSPOTrainer(GRPOTrainer):
                 "`allow_unconstrained_parameters=True` to accept this (the original NSPO code trains them freely)."
             )
         warnings.warn(message, stacklevel=3)
+
+    def _generate_and_score_completions(self, inputs):
+        # With `beta` > 0, TRL's reference pass switches adapters off and on through PEFT, unfreezing frozen ones.
+        with requires_grad_kept(self.model):
+            return super()._generate_and_score_completions(inputs)
 
     def training_step(self, model, inputs, num_items_in_batch):
         loss = super().training_step(model, inputs, num_items_in_batch)
