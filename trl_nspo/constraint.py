@@ -245,9 +245,8 @@ class NullSpaceConstraint:
         Python that freezes exactly the unconstrained trainable parameters of `model` (full fine-tuning), for error
         messages: the shortest name suffixes that match them and no constrained weight. `None` if there is none.
         """
-        constrained = {
-            name for name, p in model.named_parameters() if id(p) in {id(e.parameter) for e in self.weights}
-        }
+        constrained_ids = {id(entry.parameter) for entry in self.weights}
+        constrained = {name for name, p in model.named_parameters() if id(p) in constrained_ids}
         suffixes: list[str] = []
         for name in self.unconstrained_trainable_parameters(model):
             parts = name.split(".")
