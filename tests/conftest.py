@@ -79,6 +79,30 @@ def build_tiny_model(tokenizer, seed: int = 0):
     return model
 
 
+def build_tiny_gpt2(tokenizer, seed: int = 0):
+    """A tiny GPT-2: its attention and MLP layers are `Conv1D` (a linear layer with its weight stored transposed)."""
+    import torch
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=TINY_HIDDEN_SIZE,
+        n_inner=TINY_INTERMEDIATE_SIZE,
+        n_layer=2,
+        n_head=4,
+        n_positions=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    model = GPT2LMHeadModel(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
+    )
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny chat model + tokenizer directory (hidden size 64, MLP size 128, two layers)."""

@@ -2,6 +2,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import build_tiny_gpt2
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
@@ -61,6 +62,19 @@ class TestConstrainedModules:
     def test_non_linear_target_is_refused(self, tiny_model):
         with pytest.raises(NullSpaceError, match="only constrain linear layers.*embed_tokens"):
             find_constrained_modules(tiny_model, ["embed_tokens", "q_proj"])
+
+    def test_targeted_output_embedding_is_refused_with_the_reason(self, tiny_model, tiny_tokenizer):
+        # Before: "NSPO can only constrain linear layers, but these targeted modules are not: ['lm_head']".
+        with pytest.raises(
+            NullSpaceError, match=r"`lm_head` is the output embedding.*constraining it is not implemented"
+        ):
+            find_constrained_modules(tiny_model, ["q_proj", "lm_head"])
+        with pytest.raises(NullSpaceError, match=r"`lm_head` is the output embedding.*tied to the input embeddings"):
+            find_constrained_modules(build_tiny_gpt2(tiny_tokenizer), r".*(c_attn|lm_head)")
+
+    def test_gpt2_conv1d_layers_are_constrained(self, tiny_tokenizer):
+        names = list(find_constrained_modules(build_tiny_gpt2(tiny_tokenizer)))
+        assert len(names) == 8 and "transformer.h.1.mlp.c_fc" in names and "lm_head" not in names
 
     def test_no_match_is_refused(self, tiny_model):
         with pytest.raises(NullSpaceError, match="No linear layer to constrain"):
@@ -203,6 +217,19 @@ class TestComputeProjectors:
             projection = group.basis.project_rows(torch.eye(group.basis.input_dim))
             adapted_projection = adapted.groups[key].basis.project_rows(torch.eye(group.basis.input_dim))
             torch.testing.assert_close(projection, adapted_projection, atol=1e-5, rtol=0)
+
+    def test_adapters_off_passes_keep_every_requires_grad(self, tiny_model, tiny_tokenizer):
+        # PEFT's `disable_adapter()` makes adapter weights trainable on exit; LoRA-FA's frozen A must stay frozen.
+        peft_model = get_peft_model(tiny_model, LoraConfig(r=2, target_modules="all-linear"))
+        for name, parameter in peft_model.named_parameters():
+            if "lora_A" in name:
+                parameter.requires_grad_(False)
+        requires_grad = {name: p.requires_grad for name, p in peft_model.named_parameters()}
+        dataset = Dataset.from_dict({"prompt": CHAT_PROMPTS})
+        compute_projectors(
+            peft_model, tiny_tokenizer, dataset, CalibrationSettings(completion_length=3), show_progress=False
+        )
+        assert {name: p.requires_grad for name, p in peft_model.named_parameters()} == requires_grad
 
     def test_null_dimension_follows_the_token_count(self, tiny_model, tiny_tokenizer):
         dataset = Dataset.from_dict({"text": ["What is 12 times 7? It is 84."]})

@@ -1,13 +1,15 @@
 """End-to-end tests of NSPOTrainer on the tiny offline model: the null-space guarantee, and what is refused."""
 
 import math
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model, build_tiny_tokenizer
+from conftest import build_tiny_gpt2, build_tiny_model, build_tiny_tokenizer
 from datasets import Dataset
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model
+from transformers.pytorch_utils import Conv1D
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError, NullSpaceProjectors, ProjectorFileError
@@ -65,13 +67,21 @@ def lora(**overrides):
     return LoraConfig(**{"r": 4, "target_modules": "all-linear", **overrides})
 
 
-def build_nspo(model, tmp_path, peft_config=None, calibration=CALIBRATION, **overrides) -> NSPOTrainer:
+def build_nspo(
+    model, tmp_path, peft_config=None, calibration=CALIBRATION, processing_class=None, **overrides
+) -> NSPOTrainer:
     """NSPOTrainer on TRAIN with the length reward and the tests' settings (`config`), `overrides` applied."""
     if isinstance(model, Path):
         model = str(model)
     args = NSPOConfig(**config(tmp_path, **overrides))
     return NSPOTrainer(
-        model, length_reward, args, train_dataset=TRAIN, calibration_dataset=calibration, peft_config=peft_config
+        model,
+        length_reward,
+        args,
+        train_dataset=TRAIN,
+        calibration_dataset=calibration,
+        peft_config=peft_config,
+        processing_class=processing_class,
     )
 
 
@@ -97,6 +107,8 @@ def output_change_on_calibration_inputs(trainer, base_weight=None) -> float:
                 delta = delta * module.scaling["default"]
             else:
                 delta = weight - trainer.initial_weights[name]
+            if isinstance(base_linear(module), Conv1D):  # weight stored as (d_in, d_out)
+                weight, delta = weight.T, delta.T
             delta_sq += torch.trace(delta @ covariance @ delta.T).item()
             base_sq += torch.trace(weight @ covariance @ weight.T).item()
     return math.sqrt(delta_sq / base_sq)
@@ -209,6 +221,70 @@ class TestPreservation:
         )
         assert moved > 1e-5
 
+    def test_full_fine_tuning_of_gpt2_conv1d_layers(self, tmp_path):
+        # Before: refused with "No linear layer to constrain was found".
+        tokenizer = build_tiny_tokenizer()
+        changes = {}
+        for trainer_class in (NSPOTrainer, GRPOTrainer):
+            model = build_tiny_gpt2(tokenizer)
+            conv1d = {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+            assert len(conv1d) == 8
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(name.removesuffix(".weight") in conv1d)
+            values = config(tmp_path / trainer_class.__name__, learning_rate=1e-3)
+            if trainer_class is NSPOTrainer:
+                args, extra = NSPOConfig(**values), {"calibration_dataset": CALIBRATION}
+            else:
+                values = {k: v for k, v in values.items() if not k.startswith(("calibration", "null"))}
+                args, extra = GRPOConfig(**values), {}
+            trainer = trainer_class(
+                model, length_reward, args, train_dataset=TRAIN, processing_class=tokenizer, **extra
+            )
+            trainer.initial_weights = {
+                name: module.weight.detach().double().clone()
+                for name, module in find_constrained_modules(model).items()
+            }
+            trainer.train()
+            changes[trainer_class] = output_change_on_calibration_inputs(trainer)
+            if trainer_class is NSPOTrainer:
+                assert len(trainer.constraint.weights) == 8
+                logged = [e["nspo/preservation_error"] for e in trainer.state.log_history if "loss" in e]
+        assert changes[NSPOTrainer] <= 1e-6
+        assert changes[GRPOTrainer] >= 1e-3
+        assert max(logged) <= 1e-5  # the logged metric reads the transposed weight the right way round
+
+
+@pytest.mark.slow
+class TestLogging:
+    def test_last_steps_metrics_are_logged_when_the_run_ends_in_eval_mode(self, tiny_model_dir, tmp_path):
+        # Step 3 is not a logging step, so its metrics go to the summary log, which fires after the evaluation at the
+        # last step has left the model in eval mode.
+        args = NSPOConfig(
+            **config(
+                tmp_path,
+                max_steps=3,
+                logging_steps=2,
+                eval_strategy="steps",
+                eval_steps=2,
+                per_device_eval_batch_size=4,
+            )
+        )
+        trainer = NSPOTrainer(
+            str(tiny_model_dir),
+            length_reward,
+            args,
+            train_dataset=TRAIN,
+            eval_dataset=TRAIN.select(range(4)),
+            calibration_dataset=CALIBRATION,
+            peft_config=lora(),
+        )
+        trainer.train()
+        summary = trainer.state.log_history[-1]
+        assert "train_runtime" in summary
+        assert not trainer.model.training
+        assert {"nspo/kept_gradient_fraction", "nspo/preservation_error", "reward"} <= set(summary)
+        assert summary["nspo/preservation_error"] <= 1e-5
+
 
 class TestProjectorFiles:
     def test_projectors_are_saved_then_loaded_without_calibration_data(self, tiny_model_dir, tmp_path):
@@ -279,6 +355,42 @@ class TestRefusals:
         with pytest.raises(UnsupportedSetupError, match=message):
             build_nspo(tiny_model_dir, tmp_path, peft_config=lora(**overrides))
 
+    @pytest.mark.parametrize(
+        "overrides, message",
+        [({"init_lora_weights": "pissa"}, "rewrites the base weights"), ({"use_dora": True}, "DoRA")],
+    )
+    def test_every_adapter_of_a_peft_model_is_checked(self, tiny_model, tmp_path, overrides, message):
+        # Before: only an adapter named "default" was checked; PiSSA as "safety" changed logits by 0.52 at start-up.
+        model = get_peft_model(tiny_model, lora(**overrides), adapter_name="safety")
+        with pytest.raises(UnsupportedSetupError, match=f"Adapter 'safety': .*{message}"):
+            build_nspo(model, tmp_path, processing_class=build_tiny_tokenizer())
+
+    def test_an_already_trained_adapter_is_refused(self, tiny_model, tmp_path):
+        # Before: its A was projected at start-up, changing the logits on a calibration prompt by 1.16, silently.
+        model = get_peft_model(tiny_model, lora())
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.1)
+        with pytest.raises(UnsupportedSetupError, match=r"LoRA B weights are not zero.*merge_and_unload\(\)"):
+            build_nspo(model, tmp_path, processing_class=build_tiny_tokenizer())
+
+    def test_a_fresh_peft_model_keeps_the_parameters_it_froze(self, tiny_model, tmp_path):
+        # LoRA-FA: A frozen at its (projected) init, B trained. Before: calibration's adapters-off pass unfroze all A.
+        model = get_peft_model(tiny_model, lora())
+        for name, parameter in model.named_parameters():
+            if "lora_A" in name:
+                parameter.requires_grad_(False)
+        requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+
+        def current():  # with beta > 0, TRL adds a frozen copy of the adapter, named "ref", for the reference model
+            return {name: p.requires_grad for name, p in trainer.model.named_parameters() if name in requires_grad}
+
+        trainer = build_nspo(model, tmp_path, processing_class=build_tiny_tokenizer(), beta=0.04, max_steps=1)
+        assert current() == requires_grad
+        assert trainer.constraint.drift() <= 1e-6
+        trainer.train()  # TRL's reference pass (beta > 0) switches the adapters off and on: before, it unfroze all A
+        assert current() == requires_grad
+
     def test_modules_to_save_can_be_accepted_with_a_warning(self, tiny_model_dir, tmp_path):
         with pytest.warns(UserWarning, match="modules_to_save"):
             trainer = build_nspo(
@@ -289,9 +401,19 @@ class TestRefusals:
             )
         assert any("lm_head" in name for name in trainer.constraint.unconstrained_trainable_parameters(trainer.model))
 
-    def test_full_fine_tuning_with_free_parameters_is_refused(self, tiny_model_dir, tmp_path):
-        with pytest.raises(UnsupportedSetupError, match=r"outside the null-space constraint.*embed_tokens"):
-            build_nspo(tiny_model_dir, tmp_path)
+    def test_full_fine_tuning_with_free_parameters_is_refused_with_the_code_that_fixes_it(self, tiny_model, tmp_path):
+        with pytest.raises(UnsupportedSetupError, match=r"outside the null-space constraint.*embed_tokens") as error:
+            build_nspo(tiny_model, tmp_path, processing_class=build_tiny_tokenizer())
+        code = (
+            "for name, parameter in model.named_parameters():\n"
+            "    if name.endswith(('embed_tokens.weight', 'norm.weight', 'lm_head.weight')):\n"
+            "        parameter.requires_grad_(False)"
+        )
+        assert textwrap.indent(code, "    ") in str(error.value)
+        assert "allow_unconstrained_parameters=True" in str(error.value)
+        exec(code, {"model": tiny_model})
+        trainer = build_nspo(tiny_model, tmp_path, processing_class=build_tiny_tokenizer())
+        assert len(trainer.constraint.weights) == 14
 
     def test_rank_above_null_dimension_is_refused(self, tiny_model_dir, tmp_path):
         with pytest.raises(

@@ -25,6 +25,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
 
 from .null_space import CovarianceAccumulator, NullSpaceError, NullSpaceRule, null_space_from_covariance
 from .projectors import NullSpaceProjectors, ProjectorGroup
@@ -106,7 +107,8 @@ def find_constrained_modules(
     The linear modules whose updates NSPO keeps in the null space, by canonical name.
 
     With a PEFT model, these are the LoRA-adapted linear layers (the update is B·A, and A is projected); otherwise the
-    `nn.Linear` layers (including bitsandbytes ones) except the output embedding.
+    `nn.Linear` layers (including bitsandbytes ones) and GPT-2-style `Conv1D` layers (linear, with the weight stored
+    transposed), except the output embedding.
 
     Args:
         model (`nn.Module`):
@@ -130,10 +132,12 @@ def find_constrained_modules(
     else:
         output_embeddings = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
         for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and module is not output_embeddings:
+            if isinstance(module, (nn.Linear, Conv1D)) and module is not output_embeddings:
                 candidates[canonical_module_name(name)] = module
             elif target_modules is not None and _name_matches(canonical_module_name(name), target_modules):
                 if len(list(module.children())) == 0 and any(p.requires_grad for p in module.parameters()):
+                    if module is output_embeddings:
+                        raise NullSpaceError(_output_embedding_message(model, canonical_module_name(name)))
                     not_linear.append(canonical_module_name(name))
     if target_modules is not None:
         candidates = {name: module for name, module in candidates.items() if _name_matches(name, target_modules)}
@@ -151,14 +155,32 @@ def find_constrained_modules(
     return candidates
 
 
+def _output_embedding_message(model: PreTrainedModel, name: str) -> str:
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        reason = (
+            "its weight is tied to the input embeddings (`tie_word_embeddings=True`), so changing it would also move "
+            "the embedding of every input token, which no null space of layer inputs can constrain"
+        )
+    else:
+        reason = (
+            "like the original method, NSPO leaves the output embedding out, and constraining it is not implemented"
+        )
+    return (
+        f"`{name}` is the output embedding (an `nn.Linear`), which NSPO does not constrain in full fine-tuning: "
+        f"{reason}. Remove it from `nspo_target_modules`, then freeze it "
+        "(`model.get_output_embeddings().requires_grad_(False)`) or let it train unconstrained "
+        "(`allow_unconstrained_parameters=True`)."
+    )
+
+
 def base_linear(module: nn.Module) -> nn.Module:
     """The frozen base layer of a LoRA layer, or the layer itself."""
     return module.get_base_layer() if isinstance(module, LoraLayer) else module
 
 
 def constrained_input_dim(module: nn.Module) -> int:
-    """Input size d of a constrained LoRA layer or linear layer (both expose `in_features`)."""
-    return module.in_features
+    """Input size d of a constrained LoRA layer, linear layer or GPT-2 `Conv1D` (which calls it `nx`)."""
+    return module.nx if isinstance(module, Conv1D) else module.in_features
 
 
 def base_weight_fingerprints(modules: dict[str, nn.Module]) -> dict[str, str]:
@@ -200,8 +222,28 @@ def calibration_source_fingerprint(dataset: Dataset, settings: CalibrationSettin
     return digest.hexdigest()
 
 
-def _adapters_disabled(model: nn.Module) -> contextlib.AbstractContextManager:
-    return model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
+@contextlib.contextmanager
+def requires_grad_kept(model: nn.Module) -> Iterator[None]:
+    """
+    Puts back every parameter's `requires_grad` on exit. PEFT's `disable_adapter()` and `set_adapter()` make every
+    active adapter weight trainable again, which would unfreeze weights frozen on purpose (LoRA-FA's A).
+    """
+    requires_grad = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        yield
+    finally:
+        for parameter, flag in requires_grad:
+            parameter.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """A context in which `model` runs as its base model (PEFT adapters disabled); a no-op for plain models."""
+    if not is_peft_model(model):
+        yield
+        return
+    with requires_grad_kept(model), model.disable_adapter():
+        yield
 
 
 @contextlib.contextmanager
@@ -267,7 +309,7 @@ def calibration_token_sequences(
         raise NullSpaceError("Every calibration row tokenized to nothing; check the dataset's text column.")
     generated_tokens = 0
     if settings.generate_completions and column == "prompt":
-        with _adapters_disabled(model):
+        with adapters_disabled(model):
             completions = greedy_completions(
                 model,
                 tokenizer,
@@ -483,7 +525,7 @@ def layer_input_covariances(
         `tuple[list[str], CovarianceAccumulator]`: the module names sharing the input, and its statistics.
     """
     device = next(model.parameters()).device
-    with eval_mode(model), _adapters_disabled(model):
+    with eval_mode(model), adapters_disabled(model):
         first_ids, first_mask = next(right_padded_batches(sequences, settings.batch_size, pad_id, device))
         groups = _shared_input_groups(model, modules, first_ids, first_mask)
         groups_per_pass = settings.groups_per_pass or len(groups)

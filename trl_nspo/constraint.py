@@ -16,6 +16,7 @@ from accelerate.utils import is_peft_model
 from peft import LoraConfig, PeftConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .calibration import base_linear, find_constrained_modules
 from .null_space import NullSpaceBasis, NullSpaceError
@@ -83,6 +84,49 @@ def check_peft_config(peft_config: PeftConfig | None, allow_unconstrained_parame
     return []
 
 
+def check_peft_model(model: nn.Module | str, allow_unconstrained_parameters: bool = False) -> list[str]:
+    """
+    Refuses a PEFT model passed in ready-made whose adapters change general-task outputs outside the projection, or
+    that already carry a trained update.
+
+    Every adapter's configuration is checked, whatever its name and whether it is active: an inactive PiSSA/OLoRA
+    adapter has already rewritten the base weights when it was added.
+
+    Args:
+        model (`nn.Module` or `str`):
+            The model passed to the trainer; anything but a [`~peft.PeftModel`] passes.
+        allow_unconstrained_parameters (`bool`, *optional*, defaults to `False`):
+            Turn the refusal of `modules_to_save` into a warning.
+
+    Returns:
+        `list[str]`: warnings to show the user.
+    """
+    if not isinstance(model, nn.Module) or not is_peft_model(model):
+        return []
+    messages = []
+    for adapter_name, peft_config in model.peft_config.items():
+        try:
+            messages += check_peft_config(peft_config, allow_unconstrained_parameters)
+        except UnsupportedSetupError as error:
+            raise UnsupportedSetupError(f"Adapter {adapter_name!r}: {error}") from error
+    trained = [
+        f"{name} ({adapter})"
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer)
+        for adapter in module.active_adapters
+        if adapter in module.lora_B and bool(module.lora_B[adapter].weight.detach().any())
+    ]
+    if trained:
+        raise UnsupportedSetupError(
+            f"The model passed in has an adapter whose LoRA B weights are not zero in {len(trained)} layer(s), e.g. "
+            f"{trained[:3]}: it already changes the base model's outputs (a trained adapter, or one created with "
+            "`init_lora_weights=False`). NSPO keeps an update that starts at zero in the null space; projecting this "
+            "adapter's A would silently change what it does. Merge it into the base model "
+            "(`model = model.merge_and_unload()`) and train a new adapter on top (`peft_config=LoraConfig(...)`)."
+        )
+    return messages
+
+
 @dataclass
 class _ConstrainedWeight:
     """One parameter whose rows must stay in a null space, with what is needed to measure its output change."""
@@ -90,14 +134,20 @@ class _ConstrainedWeight:
     module_name: str
     parameter: nn.Parameter
     basis: NullSpaceBasis
-    # Full fine-tuning only: the part of the starting weight outside the null space (W₀·R when R is stored, else
-    # W₀ itself), so that W ← W₀ + (W − W₀)·P can be applied without a full copy when R is smaller.
+    # Full fine-tuning only: the part of the starting weight (one row per output) outside the null space (W₀·R when R
+    # is stored, else W₀ itself), so that W ← W₀ + (W − W₀)·P can be applied without a full copy when R is smaller.
     anchor: torch.Tensor | None = None
     # Rows = a sketch of the calibration inputs; `base_outputs` = W₀ applied to them (full fine-tuning), and
     # `base_output_norm` = ‖W₀·K·S‖ for the preservation ratio.
     sketch_rows: torch.Tensor | None = None
     base_outputs: torch.Tensor | None = None
     base_output_norm: float = 0.0
+    # GPT-2's `Conv1D` stores its weight as (d_in, d_out): the rows that must stay in the null space are its columns.
+    transposed: bool = False
+
+    def as_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (laid out as the parameter) with one row per output, or back: the transpose is its own inverse."""
+        return tensor.T if self.transposed else tensor
 
 
 class NullSpaceConstraint:
@@ -129,13 +179,14 @@ class NullSpaceConstraint:
         for name, module in modules.items():
             for parameter in self._constrained_parameters(module):
                 basis = bases[name].to(device=parameter.device)
-                entry = _ConstrainedWeight(name, parameter, basis)
+                transposed = not self.is_lora and isinstance(module, Conv1D)
+                entry = _ConstrainedWeight(name, parameter, basis, transposed=transposed)
                 if not self.is_lora:
-                    start = parameter.detach().float()
+                    start = entry.as_rows(parameter.detach().float())
                     entry.anchor = start.clone() if basis.stores_null else start @ basis.basis
                 sketch = sketches.get(name)
                 if sketch is not None:
-                    entry.sketch_rows = sketch.T.to(device=parameter.device, dtype=torch.float32)
+                    entry.sketch_rows = sketch.T.contiguous().to(device=parameter.device, dtype=torch.float32)
                     base_outputs = self._base_outputs(module, entry.sketch_rows)
                     entry.base_output_norm = torch.linalg.matrix_norm(base_outputs.double()).item()
                     if not self.is_lora:
@@ -189,16 +240,41 @@ class NullSpaceConstraint:
         allowed = {id(entry.parameter) for entry in self.weights} | self.lora_b_parameters
         return [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in allowed]
 
+    def freezing_code(self, model: nn.Module) -> str | None:
+        """
+        Python that freezes exactly the unconstrained trainable parameters of `model` (full fine-tuning), for error
+        messages: the shortest name suffixes that match them and no constrained weight. `None` if there is none.
+        """
+        constrained_ids = {id(entry.parameter) for entry in self.weights}
+        constrained = {name for name, p in model.named_parameters() if id(p) in constrained_ids}
+        suffixes: list[str] = []
+        for name in self.unconstrained_trainable_parameters(model):
+            parts = name.split(".")
+            candidates = (".".join(parts[-length:]) for length in range(1, len(parts) + 1))
+            suffix = next((s for s in candidates if not any(c.endswith(s) for c in constrained)), None)
+            if suffix is None:
+                return None
+            suffixes.append(suffix)
+        # A suffix that ends with a shorter one already listed adds nothing ("input_layernorm.weight", "norm.weight").
+        kept = [s for s in dict.fromkeys(suffixes) if not any(s != t and s.endswith(t) for t in suffixes)]
+        if not kept:
+            return None
+        return (
+            "for name, parameter in model.named_parameters():\n"
+            f"    if name.endswith({tuple(kept)!r}):\n"
+            "        parameter.requires_grad_(False)"
+        )
+
     def _projected(self, entry: _ConstrainedWeight) -> torch.Tensor:
         """`entry`'s parameter put back into its null space (for full fine-tuning: its change since the start)."""
-        current = entry.parameter.data.float()
+        current = entry.as_rows(entry.parameter.data.float())
         if self.is_lora:
             return entry.basis.project_rows(current)
         if entry.basis.stores_null:
-            return entry.anchor + entry.basis.project_rows(current - entry.anchor)
+            return entry.as_rows(entry.anchor + entry.basis.project_rows(current - entry.anchor))
         # W₀ + (W − W₀)·(I − R·Rᵀ) = W − (W·R − W₀·R)·Rᵀ
         basis = entry.basis.basis
-        return current - (current @ basis - entry.anchor) @ basis.T
+        return entry.as_rows(current - (current @ basis - entry.anchor) @ basis.T)
 
     def drift(self) -> float:
         """
@@ -244,7 +320,7 @@ class NullSpaceConstraint:
             gradient = entry.parameter.grad
             if gradient is None:
                 continue
-            projected = entry.basis.project_rows(gradient.float())
+            projected = entry.as_rows(entry.basis.project_rows(entry.as_rows(gradient.float())))
             total_sq += torch.linalg.matrix_norm(gradient.float()).item() ** 2
             kept_sq += torch.linalg.matrix_norm(projected).item() ** 2
             gradient.copy_(projected.to(gradient.dtype))
@@ -271,7 +347,7 @@ class NullSpaceConstraint:
             if self.is_lora:
                 delta = self._lora_delta_outputs(module, entry)
             else:
-                delta = entry.sketch_rows @ entry.parameter.float().T - entry.base_outputs
+                delta = entry.sketch_rows @ entry.as_rows(entry.parameter.float()).T - entry.base_outputs
             delta_norm = torch.linalg.matrix_norm(delta.double()).item()
             delta_sq += delta_norm**2
             base_sq += entry.base_output_norm**2

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import is_peft_model
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer
 
-from .calibration import eval_mode, greedy_completions, pad_token_id, right_padded_batches
+from .calibration import adapters_disabled, eval_mode, greedy_completions, pad_token_id, right_padded_batches
 from .rewards import refusal_score
 
 Conversation = list[dict[str, str]]
@@ -23,7 +22,7 @@ Conversation = list[dict[str, str]]
 
 def base_model_context(model: nn.Module) -> contextlib.AbstractContextManager:
     """A context in which `model` behaves as its base model (adapters disabled); a no-op for plain models."""
-    return model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
+    return adapters_disabled(model)
 
 
 def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Conversation | str) -> list[int]:

@@ -1,6 +1,7 @@
 import logging
 import math
 import os
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -17,8 +18,9 @@ from .calibration import (
     compute_projectors,
     constrained_input_dim,
     find_constrained_modules,
+    requires_grad_kept,
 )
-from .constraint import NullSpaceConstraint, UnsupportedSetupError, check_peft_config
+from .constraint import NullSpaceConstraint, UnsupportedSetupError, check_peft_config, check_peft_model
 from .model_card import render_model_card
 from .nspo_config import NSPOConfig
 from .null_space import NullSpaceError
@@ -45,14 +47,21 @@ class NSPOTrainer(GRPOTrainer):
 
     Before training, the trainer runs the (PEFT-wrapped) model with adapters disabled on `calibration_dataset`,
     collects every constrained layer's uncentred input covariance K·Kᵀ, and keeps the eigen-directions with
-    negligible eigenvalues as that layer's null space. During training, the LoRA `lora_A` weights (or, in full
-    fine-tuning, the change of each constrained weight) are kept exactly in the null space: projected at the start,
-    their gradients projected on every gradient-sync step (so clipping and `grad_norm` see what is kept), and
-    projected again after every optimizer step. B·A·K = 0 then holds: the layers' general-task outputs stay unchanged.
+    negligible eigenvalues as that layer's null space. This calibration runs inside `__init__`, and with `prompt`
+    data it first calls `model.generate` there, to append the model's greedy answer to every prompt
+    (`calibration_generate_completions=False` skips that, preserving the prompts' behaviour alone).
+
+    During training, the LoRA `lora_A` weights (or, in full fine-tuning, the change of each constrained weight) are
+    kept exactly in the null space: projected at the start, their gradients projected on every gradient-sync step (so
+    clipping and `grad_norm` see what is kept), and projected again after every optimizer step. B·A·K = 0 then holds:
+    the layers' general-task outputs stay unchanged.
 
     Args:
         model, reward_funcs, args, *grpo_args, **grpo_kwargs:
-            Exactly as for [`~trl.GRPOTrainer`]; `args` must be an [`NSPOConfig`].
+            Exactly as for [`~trl.GRPOTrainer`]; `args` must be an [`NSPOConfig`]. A [`~peft.PeftModel`] passed as
+            `model` must carry a fresh adapter (B = 0): a trained one is refused, since the guarantee is about an
+            update that starts at zero. In full fine-tuning, the constrained layers are the `nn.Linear` and
+            GPT-2-style `Conv1D` layers except the LM head.
         calibration_dataset ([`~datasets.Dataset`], *optional*):
             General-task data (`prompt`, `messages` or `text` column) whose outputs must be preserved. Required
             unless `args.projectors_path` points to an existing projector file.
@@ -85,9 +94,11 @@ class NSPOTrainer(GRPOTrainer):
             )
         _refuse_unsupported_engines(args)
         peft_config = grpo_kwargs.get("peft_config")
-        if peft_config is None and hasattr(model, "peft_config"):
-            peft_config = model.peft_config.get("default")
-        for message in check_peft_config(peft_config, args.allow_unconstrained_parameters):
+        if peft_config is not None:
+            messages = check_peft_config(peft_config, args.allow_unconstrained_parameters)
+        else:
+            messages = check_peft_model(model, args.allow_unconstrained_parameters)
+        for message in messages:
             warnings.warn(message, stacklevel=2)
         if calibration_dataset is None and _existing_projectors_file(args.projectors_path or args.output_dir) is None:
             raise ValueError(
@@ -170,11 +181,22 @@ class NSPOTrainer(GRPOTrainer):
             f"general-task outputs: {unconstrained[:6]}{' …' if len(unconstrained) > 6 else ''}."
         )
         if not self.args.allow_unconstrained_parameters:
+            code = None if self.constraint.is_lora else self.constraint.freezing_code(self.model)
+            freeze = (
+                f" Freeze them before creating the trainer:\n\n{textwrap.indent(code, '    ')}\n\nor"
+                if code
+                else " Freeze them (`requires_grad_(False)`),"
+            )
             raise UnsupportedSetupError(
-                message + " Freeze them (`requires_grad_(False)`), constrain them (`nspo_target_modules`), or set "
-                "`allow_unconstrained_parameters=True` to accept this."
+                f"{message}{freeze} constrain them (`nspo_target_modules`), or set "
+                "`allow_unconstrained_parameters=True` to accept this (the original NSPO code trains them freely)."
             )
         warnings.warn(message, stacklevel=3)
+
+    def _generate_and_score_completions(self, inputs):
+        # With `beta` > 0, TRL's reference pass switches adapters off and on through PEFT, unfreezing frozen ones.
+        with requires_grad_kept(self.model):
+            return super()._generate_and_score_completions(inputs)
 
     def training_step(self, model, inputs, num_items_in_batch):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -195,14 +217,22 @@ class NSPOTrainer(GRPOTrainer):
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.model.training:
+        # GRPOTrainer logs the metrics of the model's mode, but the summary log ending `train()` fires after any
+        # evaluation at the last step, in eval mode: the training metrics of steps since the last log would be lost.
+        training_log = self.model.training or "train_runtime" in logs
+        if training_log:
             logs.update(self._nspo_start_logs)
             self._nspo_start_logs = {}
             errors = self.constraint.preservation_error()
             if errors:
                 logs["nspo/preservation_error"] = errors["mean"]
                 logs["nspo/preservation_error_max"] = errors["max"]
-        super().log(logs, start_time)
+        was_training = self.model.training
+        self.model.train(training_log)
+        try:
+            super().log(logs, start_time)
+        finally:
+            self.model.train(was_training)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """
