@@ -195,7 +195,7 @@ class TestComputeProjectors:
             if hasattr(module, "lora_B") and "default" in module.lora_B:
                 torch.nn.init.normal_(module.lora_B["default"].weight)  # adapters must not leak into calibration
         adapted = compute_projectors(peft_model, tiny_tokenizer, dataset, settings)
-        assert plain.base_weight_fingerprints == again.base_weight_fingerprints == adapted.base_weight_fingerprints
+        assert plain.model_fingerprint == again.model_fingerprint == adapted.model_fingerprint
         assert plain.calibration["data_fingerprint"] == adapted.calibration["data_fingerprint"]
         assert list(plain.groups) == list(adapted.groups)
         for key, group in plain.groups.items():
