@@ -1,9 +1,12 @@
 import json
+from unittest import mock
 
 import pytest
+from test_trainer import TRAIN, config, length_reward, lora
 
-from trl_nspo import NullSpaceProjectors
+from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceProjectors
 from trl_nspo.cli import TrainArguments, main
+from trl_nspo.projectors import PROJECTORS_FILE_NAME
 
 
 def write_jsonl(path, rows):
@@ -56,6 +59,56 @@ def test_yaml_config_sets_nspo_fields(tiny_model_dir, general_file, tmp_path):
     )
     main(["calibrate", "--config", str(config)])
     assert NullSpaceProjectors.load(tmp_path / "out").rule.rule == "energy"
+
+
+def test_a_calibrated_file_is_used_for_training_without_repeating_how_it_was_made(
+    tiny_model_dir, general_file, tmp_path
+):
+    projectors = tmp_path / "projectors"
+    main(
+        [
+            "calibrate",
+            "--model_name_or_path", str(tiny_model_dir),
+            "--calibration_dataset_name", str(general_file),
+            "--calibration_num_samples", "2", "--calibration_max_length", "64",
+            "--calibration_generate_completions", "false",
+            "--output_dir", str(projectors),
+            "--use_peft", "--lora_target_modules", "q_proj", "v_proj",
+            "--null_space_alpha", "1e-10",
+            "--use_cpu", "--bf16", "false",
+        ]
+    )  # fmt: skip
+    given = {}
+
+    class RecordingTrainer(mock.MagicMock):
+        def __init__(self, **kwargs):
+            super().__init__()
+            given.update(kwargs)
+            self.projectors_file = projectors / PROJECTORS_FILE_NAME
+
+    with mock.patch("trl_nspo.nspo_trainer.NSPOTrainer", RecordingTrainer):
+        main(
+            [
+                "train",
+                "--model_name_or_path", str(tiny_model_dir),
+                "--projectors_path", str(projectors),
+                "--output_dir", str(tmp_path / "run"),
+                "--use_cpu", "--bf16", "false", "--report_to", "none",
+            ]
+        )  # fmt: skip
+    # No calibration dataset named: the embedded prompts are not substituted for the file's own data.
+    assert given["calibration_dataset"] is None
+    # And the trainer takes the file as it was made: same model (loaded as the CLI loads it), no recalibration.
+    recalibration = AssertionError("recalibrated although the projector file belongs to this model")
+    with mock.patch("trl_nspo.nspo_trainer.compute_projectors", side_effect=recalibration):
+        trainer = NSPOTrainer(
+            str(tiny_model_dir),
+            length_reward,
+            NSPOConfig(**config(tmp_path, projectors_path=str(projectors))),
+            train_dataset=TRAIN,
+            peft_config=lora(target_modules=["q_proj", "v_proj"]),
+        )
+    assert trainer.projectors.calibration["num_samples"] == 2
 
 
 @pytest.mark.parametrize(

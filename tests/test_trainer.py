@@ -325,7 +325,9 @@ class TestProjectorFiles:
             processing_class=build_tiny_tokenizer(),
             peft_config=lora(),
         )
-        with pytest.raises(ProjectorFileError, match=r"different model: weights of lm_head\.weight, model\.embed_tokens\.weight"):
+        with pytest.raises(
+            ProjectorFileError, match=r"different model: weights of lm_head\.weight, model\.embed_tokens\.weight"
+        ):
             build_nspo(
                 tiny_model_dir, tmp_path, peft_config=lora(), calibration=None, projectors_path=str(tmp_path / "p")
             )
