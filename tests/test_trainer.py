@@ -393,6 +393,16 @@ class TestRefusals:
         ):
             build_nspo(tiny_model_dir, tmp_path, peft_config=lora(r=32))
 
+    def test_rank_above_a_saved_files_null_dimension_says_the_file_needs_recalibrating(self, tiny_model_dir, tmp_path):
+        path = tmp_path / "p"
+        build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), projectors_path=str(path))
+        with pytest.raises(
+            NullSpaceError,
+            match=rf"rank 32\).*read from {path}/nspo_projectors\.safetensors: a new rule or threshold needs it "
+            "recalibrated",
+        ):
+            build_nspo(tiny_model_dir, tmp_path, peft_config=lora(r=32), calibration=None, projectors_path=str(path))
+
     def test_empty_null_space_is_refused(self, tiny_model_dir, tmp_path):
         calibration = Dataset.from_dict({"text": [" ".join(f"w{i}" for i in range(200))]})
         with pytest.raises(NullSpaceError, match="null space of .* empty"):

@@ -131,7 +131,16 @@ class NSPOTrainer(GRPOTrainer):
             )
             self._model_fingerprint = self.projectors.model_fingerprint
         self.constraint = NullSpaceConstraint(self.model, self.projectors, args.nspo_target_modules)
-        self.constraint.check_ranks()
+        try:
+            self.constraint.check_ranks()
+        except NullSpaceError as error:
+            if self.projectors_file is None:
+                raise
+            # The advised rule or threshold change cannot act on null spaces read from a file: say so now.
+            raise NullSpaceError(
+                f"{error} These null spaces were read from {self.projectors_file}: a new rule or threshold needs it "
+                "recalibrated (delete it, or run `trl-nspo calibrate` again with the new setting)."
+            ) from error
         self._check_unconstrained_parameters()
         if self.projectors_file is None:
             # Saved only once every check passed: a refused run must not leave a file that would then refuse the
