@@ -229,7 +229,7 @@ def _tensor_sha256(tensor: torch.Tensor) -> str:
     flat = tensor.reshape(-1)
     for start in range(0, flat.numel(), _HASH_BLOCK_ELEMENTS):
         block = flat[start : start + _HASH_BLOCK_ELEMENTS].contiguous().cpu()
-        digest.update(block.view(torch.uint8).numpy().tobytes())
+        digest.update(block.view(torch.uint8).numpy())  # the buffer itself: no copy to bytes
     return digest.hexdigest()[:16]
 
 
