@@ -12,6 +12,7 @@ from trl_nspo.calibration import (
     compute_projectors,
     find_constrained_modules,
     layer_input_covariances,
+    model_fingerprint,
 )
 from trl_nspo.null_space import NullSpaceError, NullSpaceRule
 
@@ -219,3 +220,18 @@ class TestComputeProjectors:
         assert null_dims["model.layers.1.self_attn.q_proj"] == (64 - tokens, 64)
         assert null_dims["model.layers.0.mlp.down_proj"] == (128 - tokens, 128)
         assert "model.layers.1.mlp.down_proj" in projectors.summary()
+
+
+def test_model_fingerprint_ignores_what_cannot_change_outputs_and_sees_every_base_weight(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    before = model_fingerprint(model)
+    # What GRPOTrainer does to the config, and what PEFT adds: neither changes what the base model computes.
+    model.config.pad_token_id = None
+    model.config.use_cache = False
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert model_fingerprint(peft_model) == before
+    with torch.no_grad():
+        peft_model.base_model.model.model.norm.weight[0] += 1e-3
+    assert before.differences(model_fingerprint(peft_model)) == ["weights of model.norm.weight"]

@@ -175,6 +175,8 @@ _CONFIG_FIELDS_WITHOUT_EFFECT = {
     # The weights' bytes carry their dtype; the config's copy differs with how the model was loaded.
     "dtype",
     "torch_dtype",
+    # Padding is masked out; GRPOTrainer copies the tokenizer's pad id into the config, `trl-nspo calibrate` does not.
+    "pad_token_id",
 }
 _HASH_BLOCK_ELEMENTS = 1 << 24
 
@@ -196,9 +198,17 @@ def model_fingerprint(model: nn.Module) -> ModelFingerprint:
             continue
         tensors[_base_tensor_name(name)] = _tensor_sha256(tensor)
     config = getattr(model, "config", None)
-    config_values = {} if config is None else json.loads(config.to_json_string(use_diff=False))
-    config_values = {key: value for key, value in config_values.items() if key not in _CONFIG_FIELDS_WITHOUT_EFFECT}
+    config_values = {} if config is None else _config_with_effect(json.loads(config.to_json_string(use_diff=False)))
     return ModelFingerprint(config=config_values, tensors=dict(sorted(tensors.items())))
+
+
+def _config_with_effect(values: dict[str, Any]) -> dict[str, Any]:
+    # Nested configs (a multimodal model's `text_config`) carry the same fields.
+    return {
+        key: _config_with_effect(value) if isinstance(value, dict) else value
+        for key, value in values.items()
+        if key not in _CONFIG_FIELDS_WITHOUT_EFFECT
+    }
 
 
 def _adapter_tensor_ids(model: nn.Module) -> set[int]:
