@@ -7,6 +7,7 @@ from peft import LoraConfig, get_peft_model
 
 from trl_nspo.calibration import (
     CalibrationSettings,
+    calibration_record,
     calibration_token_sequences,
     canonical_module_name,
     compute_projectors,
@@ -235,3 +236,16 @@ def test_model_fingerprint_ignores_what_cannot_change_outputs_and_sees_every_bas
     with torch.no_grad():
         peft_model.base_model.model.model.norm.weight[0] += 1e-3
     assert before.differences(model_fingerprint(peft_model)) == ["weights of model.norm.weight"]
+
+
+def test_calibration_record_follows_what_steers_the_completions(tiny_model, tiny_tokenizer):
+    dataset = Dataset.from_dict({"prompt": CHAT_PROMPTS})
+    settings = CalibrationSettings(completion_length=5)
+    before = calibration_record(tiny_model, tiny_tokenizer, dataset, settings)
+    tiny_model.generation_config.pad_token_id = None  # GRPOTrainer rewrites it; padding is masked
+    assert calibration_record(tiny_model, tiny_tokenizer, dataset, settings) == before
+    tiny_model.generation_config.repetition_penalty = 1.3
+    after = calibration_record(tiny_model, tiny_tokenizer, dataset, settings)
+    assert [key for key in before if before[key] != after[key]] == ["completion_fingerprint"]
+    without = calibration_record(tiny_model, tiny_tokenizer, dataset, replace(settings, generate_completions=False))
+    assert "completion_fingerprint" not in without

@@ -6,6 +6,7 @@ from test_trainer import TRAIN, config, length_reward, lora
 
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceProjectors
 from trl_nspo.cli import TrainArguments, main
+from trl_nspo.data import load_calibration_dataset
 from trl_nspo.projectors import PROJECTORS_FILE_NAME
 
 
@@ -109,6 +110,19 @@ def test_a_calibrated_file_is_used_for_training_without_repeating_how_it_was_mad
             peft_config=lora(target_modules=["q_proj", "v_proj"]),
         )
     assert trainer.projectors.calibration["num_samples"] == 2
+    # Named again with the same settings, the data is checked against the file, and matches.
+    calibration_settings = dict(
+        calibration_num_samples=2, calibration_max_length=64, calibration_generate_completions=False
+    )
+    with mock.patch("trl_nspo.nspo_trainer.compute_projectors", side_effect=recalibration):
+        NSPOTrainer(
+            str(tiny_model_dir),
+            length_reward,
+            NSPOConfig(**config(tmp_path, projectors_path=str(projectors), **calibration_settings)),
+            train_dataset=TRAIN,
+            calibration_dataset=load_calibration_dataset(str(general_file), num_samples=2),
+            peft_config=lora(target_modules=["q_proj", "v_proj"]),
+        )
 
 
 @pytest.mark.parametrize(

@@ -256,9 +256,9 @@ def calibration_record(
 ) -> dict[str, Any]:
     """
     What reaches the layers in calibration, given the model: the settings that shape the sequences, and fingerprints
-    of the dataset rows used, of the chat template and of the prompts' token ids (with the tokens that end a greedy
-    completion). Cheap (tokenization only, no generation), so a saved projector file can be checked against the data
-    a run is given.
+    of the dataset rows used, of the chat template, of the prompts' token ids and, with completions, of what steers
+    greedy decoding (generation config, stop tokens). Cheap (tokenization only, no generation), so a saved projector
+    file can be checked against the data a run is given.
     """
     tokenizer = _tokenizer_of(processing_class)
     rows = dataset.select(range(min(settings.num_samples, len(dataset))))
@@ -266,19 +266,29 @@ def calibration_record(
     for row in rows:
         rows_digest.update(json.dumps(row, sort_keys=True, default=str).encode())
     prompts, _, _ = calibration_prompts(processing_class, dataset, settings)
-    prompt_digest = hashlib.sha256(tokens_fingerprint(prompts).encode())
-    if settings.generate_completions:
-        prompt_digest.update(json.dumps(sorted(stop_token_ids(model, tokenizer))).encode())
     template = json.dumps(getattr(tokenizer, "chat_template", None), sort_keys=True)
-    return {
+    record = {
         "num_samples": settings.num_samples,
         "max_length": settings.max_length,
         "generate_completions": settings.generate_completions,
         "completion_length": settings.completion_length,
         "rows_fingerprint": rows_digest.hexdigest()[:16],
         "chat_template_fingerprint": hashlib.sha256(template.encode()).hexdigest()[:16],
-        "prompt_fingerprint": prompt_digest.hexdigest()[:16],
+        "prompt_fingerprint": hashlib.sha256(tokens_fingerprint(prompts).encode()).hexdigest()[:16],
     }
+    if settings.generate_completions:
+        # Greedy decoding also follows the generation config (repetition penalty, suppressed tokens…) and stops at
+        # its EOS ids; the pad id only fills masked positions (and GRPOTrainer rewrites it).
+        generation = {
+            key: value
+            for key, value in model.generation_config.to_diff_dict().items()
+            if key not in ("pad_token_id", "transformers_version", "_from_model_config")
+        }
+        generation["stop_token_ids"] = sorted(stop_token_ids(model, tokenizer))
+        record["completion_fingerprint"] = hashlib.sha256(
+            json.dumps(generation, sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
+    return record
 
 
 def _adapters_disabled(model: nn.Module) -> contextlib.AbstractContextManager:

@@ -44,6 +44,7 @@ _CALIBRATION_FIELDS = {
     "rows_fingerprint": "calibration dataset rows (fingerprint)",
     "chat_template_fingerprint": "tokenizer chat template (fingerprint)",
     "prompt_fingerprint": "calibration prompt tokens (fingerprint)",
+    "completion_fingerprint": "generation config and stop tokens of the calibration completions (fingerprint)",
 }
 
 
@@ -377,7 +378,7 @@ class NullSpaceProjectors:
             for key, label in _CALIBRATION_FIELDS.items()
             if key in expected
             and self.calibration.get(key) != expected[key]
-            and (key != "completion_length" or uses_completions)
+            and (key not in ("completion_length", "completion_fingerprint") or uses_completions)
         ]
         if differences:
             raise ProjectorFileError(
