@@ -133,6 +133,20 @@ class TestProjectorFiles:
         assert NullSpaceProjectors.load(saved).same_bases(uninterrupted.trainer.projectors)
         assert f"NSPO projector file ({saved.stat().st_size / 2**20:.1f} MB) saved to {saved}" in caplog.text
 
+    def test_final_save_keeps_the_trained_projectors_if_the_run_file_was_replaced(
+        self, uninterrupted, tiny_model_dir, tmp_path
+    ):
+        output_dir = restart_dir(tmp_path, uninterrupted)
+        trainer = build_trainer(tiny_model_dir, output_dir)
+        # Someone recalibrates into the run's projectors_path while it trains.
+        other = NullSpaceProjectors.load(output_dir)
+        other.calibration = {**other.calibration, "token_count": -1}
+        other.save(output_dir)
+        with pytest.warns(UserWarning, match="changed since this run loaded it"):
+            trainer.save_model(str(tmp_path / "final"))
+        saved = NullSpaceProjectors.load(tmp_path / "final")
+        assert saved.calibration["token_count"] == trainer.projectors.calibration["token_count"] > 0
+
     def test_size_is_logged_when_the_file_is_written(self, tiny_model_dir, tmp_path, caplog):
         with caplog.at_level(logging.INFO, logger="trl_nspo"):
             trainer = build_trainer(tiny_model_dir, tmp_path / "out")

@@ -336,10 +336,18 @@ class NSPOTrainer(GRPOTrainer):
             write_projectors_reference(directory, self.projectors_file, self._projectors_sha256)
             return
         target = directory / PROJECTORS_FILE_NAME
-        if target.is_file() and target.samefile(self.projectors_file):
+        if file_sha256(self.projectors_file) != self._projectors_sha256:
+            warnings.warn(
+                f"{self.projectors_file} changed since this run loaded it; saving the projectors this run trained "
+                f"with to {target} instead.",
+                stacklevel=2,
+            )
+            self.projectors.save(target)
+        elif target.is_file() and target.samefile(self.projectors_file):
             return  # the run's own file is already there (projectors_path defaults to output_dir)
-        # A copy (a hard link where possible), not a reference: a final folder is pushed or moved on its own.
-        copy_projectors_file(self.projectors_file, directory)
+        else:
+            # A copy (a hard link where possible), not a reference: a final folder is pushed or moved on its own.
+            copy_projectors_file(self.projectors_file, directory)
         logger.info("NSPO projector file (%.1f MB) saved to %s.", target.stat().st_size / 2**20, target)
 
 
