@@ -4,7 +4,7 @@ from unittest import mock
 import pytest
 from test_trainer import TRAIN, config, length_reward, lora
 
-from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceProjectors
+from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError, NullSpaceProjectors
 from trl_nspo.cli import TrainArguments, main
 from trl_nspo.data import load_calibration_dataset
 from trl_nspo.projectors import PROJECTORS_FILE_NAME
@@ -49,6 +49,25 @@ def test_calibrate_writes_projectors_for_the_adapter_targets(tiny_model_dir, gen
     assert projectors.rule.alpha == 1e-9
     assert projectors.calibration["generate_completions"] is False
     assert "Saved 4 module projectors" in capsys.readouterr().out
+
+
+def test_calibrate_refuses_an_unusable_null_space_before_writing_a_file(tiny_model_dir, tmp_path):
+    long_text = write_jsonl(tmp_path / "long.jsonl", [{"text": " ".join(f"w{i}" for i in range(200))}])
+    arguments = [
+        "calibrate",
+        "--model_name_or_path", str(tiny_model_dir),
+        "--calibration_dataset_name", str(long_text),
+        "--calibration_max_length", "200",
+        "--output_dir", str(tmp_path / "projectors"),
+        "--use_peft", "--lora_target_modules", "q_proj", "v_proj", "--lora_r", "1",
+        "--use_cpu", "--bf16", "false",
+    ]  # fmt: skip
+    with pytest.raises(NullSpaceError, match=r"null space of .* empty.*Raise `null_space_alpha`"):
+        main([*arguments, "--null_space_alpha", "1e-12"])
+    assert not (tmp_path / "projectors" / PROJECTORS_FILE_NAME).exists()
+    # The advice works: the energy rule, and training on the file is not refused for the old rule.
+    main([*arguments, "--null_space_rule", "energy", "--null_space_energy", "0.05"])
+    assert NullSpaceProjectors.load(tmp_path / "projectors").rule.rule == "energy"
 
 
 def test_yaml_config_sets_nspo_fields(tiny_model_dir, general_file, tmp_path):

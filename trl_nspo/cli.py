@@ -141,6 +141,7 @@ def calibrate(argv: Sequence[str]) -> None:
     from trl.trainer.utils import create_model_from_path
 
     from .calibration import compute_projectors
+    from .constraint import NullSpaceConstraint
 
     parser = TrlParser((CalibrateArguments, NSPOConfig, ModelConfig), prog="trl-nspo calibrate")
     arguments, training_args, model_args = parser.parse_args_and_config(args=list(argv))
@@ -159,6 +160,9 @@ def calibrate(argv: Sequence[str]) -> None:
         rule=training_args.null_space_rule_config(),
         target_modules=training_args.nspo_target_modules,
     )
+    # Refuse here what training would refuse (an empty null space, a LoRA rank above one), before a file is written
+    # that the advised change of rule or threshold could not act on.
+    NullSpaceConstraint(model, projectors, training_args.nspo_target_modules).check_ranks()
     path = projectors.save(training_args.projectors_path or training_args.output_dir)
     print(projectors.summary())
     print(f"Saved {len(projectors.null_dims())} module projectors ({path.stat().st_size / 2**20:.2f} MB) to {path}.")
