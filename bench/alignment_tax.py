@@ -537,7 +537,7 @@ def main(arguments: AlignmentTaxArguments) -> dict:
         results["null_spaces"] = {}
         for key, rule in rules.items():
             projectors = projectors_for_rule(
-                decompositions, rule, base_model, calibration_dataset, settings, calibration_inputs
+                decompositions, rule, base_model, tokenizer, calibration_dataset, settings, calibration_inputs
             )
             projector_dirs[key] = work_dir / "projectors" / key
             projectors.save(projector_dirs[key])

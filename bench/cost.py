@@ -212,7 +212,7 @@ def measure_calibration(arguments: CostArguments, model_path: Path, tokenizer, p
 
     by_rule = {}
     for rule in MEMORY_RULES:
-        projectors = projectors_for_rule(decompositions, rule, model, dataset, settings, inputs)
+        projectors = projectors_for_rule(decompositions, rule, model, tokenizer, dataset, settings, inputs)
         by_rule[rule_key(rule)] = {"rule": asdict(rule), **null_space_statistics(projectors, arguments.lora_r)}
         if rule == MAIN_RULE:
             projectors.save(projectors_dir)

@@ -38,11 +38,11 @@ from trl_nspo import NSPOConfig, NullSpaceProjectors, NullSpaceRule
 from trl_nspo.calibration import (
     CalibrationSettings,
     base_linear,
-    base_weight_fingerprints,
-    calibration_source_fingerprint,
+    calibration_record,
     calibration_token_sequences,
     find_constrained_modules,
     layer_input_covariances,
+    model_fingerprint,
     pad_token_id,
     tokens_fingerprint,
 )
@@ -309,14 +309,15 @@ def projectors_for_rule(
     decompositions: Sequence[Eigendecomposition],
     rule: NullSpaceRule,
     model: nn.Module,
+    tokenizer,
     dataset: Dataset,
     settings: CalibrationSettings,
     inputs: LayerInputs,
 ) -> NullSpaceProjectors:
     """
-    The projectors `compute_projectors(model, ..., dataset, settings, rule)` would return, from eigendecompositions
-    computed once for all rules. They carry the same metadata, so NSPOTrainer loads and validates them from
-    `projectors_path` exactly as it would its own file.
+    The projectors `compute_projectors(model, tokenizer, dataset, settings, rule)` would return, from
+    eigendecompositions computed once for all rules. They carry the same metadata (eigenvalues included), so
+    NSPOTrainer loads and validates them from `projectors_path` exactly as it would its own file.
     """
     groups = {}
     for decomposition in decompositions:
@@ -324,18 +325,22 @@ def projectors_for_rule(
         basis = NullSpaceBasis.from_eigh(decomposition.eigenvalues, decomposition.eigenvectors, null_dim)
         sketch = decomposition.sketch.float().cpu() if settings.sketch_dim else None
         groups[decomposition.module_names[0]] = ProjectorGroup(
-            decomposition.module_names, basis.to(device="cpu", dtype=torch.float32), decomposition.token_count, sketch
+            decomposition.module_names,
+            basis.to(device="cpu", dtype=torch.float32),
+            decomposition.token_count,
+            sketch,
+            decomposition.eigenvalues.cpu(),
         )
     return NullSpaceProjectors(
         groups=groups,
         rule=rule,
-        base_weight_fingerprints=base_weight_fingerprints(find_constrained_modules(model)),
+        model_fingerprint=model_fingerprint(model),
         calibration={
             **asdict(settings),
             **inputs.counts,
             "token_count": inputs.token_count,
             "data_fingerprint": tokens_fingerprint(inputs.sequences),
-            "source_fingerprint": calibration_source_fingerprint(dataset, settings),
+            **calibration_record(model, tokenizer, dataset, settings),
         },
     )
 

@@ -8,11 +8,13 @@ from peft import LoraConfig, get_peft_model
 
 from trl_nspo.calibration import (
     CalibrationSettings,
+    calibration_record,
     calibration_token_sequences,
     canonical_module_name,
     compute_projectors,
     find_constrained_modules,
     layer_input_covariances,
+    model_fingerprint,
 )
 from trl_nspo.null_space import NullSpaceError, NullSpaceRule
 
@@ -209,7 +211,7 @@ class TestComputeProjectors:
             if hasattr(module, "lora_B") and "default" in module.lora_B:
                 torch.nn.init.normal_(module.lora_B["default"].weight)  # adapters must not leak into calibration
         adapted = compute_projectors(peft_model, tiny_tokenizer, dataset, settings)
-        assert plain.base_weight_fingerprints == again.base_weight_fingerprints == adapted.base_weight_fingerprints
+        assert plain.model_fingerprint == again.model_fingerprint == adapted.model_fingerprint
         assert plain.calibration["data_fingerprint"] == adapted.calibration["data_fingerprint"]
         assert list(plain.groups) == list(adapted.groups)
         for key, group in plain.groups.items():
@@ -246,3 +248,31 @@ class TestComputeProjectors:
         assert null_dims["model.layers.1.self_attn.q_proj"] == (64 - tokens, 64)
         assert null_dims["model.layers.0.mlp.down_proj"] == (128 - tokens, 128)
         assert "model.layers.1.mlp.down_proj" in projectors.summary()
+
+
+def test_model_fingerprint_ignores_what_cannot_change_outputs_and_sees_every_base_weight(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    before = model_fingerprint(model)
+    # What GRPOTrainer does to the config, and what PEFT adds: neither changes what the base model computes.
+    model.config.pad_token_id = None
+    model.config.use_cache = False
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert model_fingerprint(peft_model) == before
+    with torch.no_grad():
+        peft_model.base_model.model.model.norm.weight[0] += 1e-3
+    assert before.differences(model_fingerprint(peft_model)) == ["weights of model.norm.weight"]
+
+
+def test_calibration_record_follows_what_steers_the_completions(tiny_model, tiny_tokenizer):
+    dataset = Dataset.from_dict({"prompt": CHAT_PROMPTS})
+    settings = CalibrationSettings(completion_length=5)
+    before = calibration_record(tiny_model, tiny_tokenizer, dataset, settings)
+    tiny_model.generation_config.pad_token_id = None  # GRPOTrainer rewrites it; padding is masked
+    assert calibration_record(tiny_model, tiny_tokenizer, dataset, settings) == before
+    tiny_model.generation_config.repetition_penalty = 1.3
+    after = calibration_record(tiny_model, tiny_tokenizer, dataset, settings)
+    assert [key for key in before if before[key] != after[key]] == ["completion_fingerprint"]
+    without = calibration_record(tiny_model, tiny_tokenizer, dataset, replace(settings, generate_completions=False))
+    assert "completion_fingerprint" not in without

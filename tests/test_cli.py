@@ -1,9 +1,13 @@
 import json
+from unittest import mock
 
 import pytest
+from test_trainer import TRAIN, config, length_reward, lora
 
-from trl_nspo import NullSpaceProjectors
+from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError, NullSpaceProjectors
 from trl_nspo.cli import TrainArguments, main
+from trl_nspo.data import load_calibration_dataset
+from trl_nspo.projectors import PROJECTORS_FILE_NAME
 
 
 def write_jsonl(path, rows):
@@ -47,6 +51,25 @@ def test_calibrate_writes_projectors_for_the_adapter_targets(tiny_model_dir, gen
     assert "Saved 4 module projectors" in capsys.readouterr().out
 
 
+def test_calibrate_refuses_an_unusable_null_space_before_writing_a_file(tiny_model_dir, tmp_path):
+    long_text = write_jsonl(tmp_path / "long.jsonl", [{"text": " ".join(f"w{i}" for i in range(200))}])
+    arguments = [
+        "calibrate",
+        "--model_name_or_path", str(tiny_model_dir),
+        "--calibration_dataset_name", str(long_text),
+        "--calibration_max_length", "200",
+        "--output_dir", str(tmp_path / "projectors"),
+        "--use_peft", "--lora_target_modules", "q_proj", "v_proj", "--lora_r", "1",
+        "--use_cpu", "--bf16", "false",
+    ]  # fmt: skip
+    with pytest.raises(NullSpaceError, match=r"null space of .* empty.*Raise `null_space_alpha`"):
+        main([*arguments, "--null_space_alpha", "1e-12"])
+    assert not (tmp_path / "projectors" / PROJECTORS_FILE_NAME).exists()
+    # The advice works: the energy rule, and training on the file is not refused for the old rule.
+    main([*arguments, "--null_space_rule", "energy", "--null_space_energy", "0.05"])
+    assert NullSpaceProjectors.load(tmp_path / "projectors").rule.rule == "energy"
+
+
 def test_yaml_config_sets_nspo_fields(tiny_model_dir, general_file, tmp_path):
     config = tmp_path / "calibrate.yaml"
     config.write_text(
@@ -56,6 +79,69 @@ def test_yaml_config_sets_nspo_fields(tiny_model_dir, general_file, tmp_path):
     )
     main(["calibrate", "--config", str(config)])
     assert NullSpaceProjectors.load(tmp_path / "out").rule.rule == "energy"
+
+
+def test_a_calibrated_file_is_used_for_training_without_repeating_how_it_was_made(
+    tiny_model_dir, general_file, tmp_path
+):
+    projectors = tmp_path / "projectors"
+    main(
+        [
+            "calibrate",
+            "--model_name_or_path", str(tiny_model_dir),
+            "--calibration_dataset_name", str(general_file),
+            "--calibration_num_samples", "2", "--calibration_max_length", "64",
+            "--calibration_generate_completions", "false",
+            "--output_dir", str(projectors),
+            "--use_peft", "--lora_target_modules", "q_proj", "v_proj",
+            "--null_space_alpha", "1e-10",
+            "--use_cpu", "--bf16", "false",
+        ]
+    )  # fmt: skip
+    given = {}
+
+    class RecordingTrainer(mock.MagicMock):
+        def __init__(self, **kwargs):
+            super().__init__()
+            given.update(kwargs)
+            self.projectors_file = projectors / PROJECTORS_FILE_NAME
+
+    with mock.patch("trl_nspo.nspo_trainer.NSPOTrainer", RecordingTrainer):
+        main(
+            [
+                "train",
+                "--model_name_or_path", str(tiny_model_dir),
+                "--projectors_path", str(projectors),
+                "--output_dir", str(tmp_path / "run"),
+                "--use_cpu", "--bf16", "false", "--report_to", "none",
+            ]
+        )  # fmt: skip
+    # No calibration dataset named: the embedded prompts are not substituted for the file's own data.
+    assert given["calibration_dataset"] is None
+    # And the trainer takes the file as it was made: same model (loaded as the CLI loads it), no recalibration.
+    recalibration = AssertionError("recalibrated although the projector file belongs to this model")
+    with mock.patch("trl_nspo.nspo_trainer.compute_projectors", side_effect=recalibration):
+        trainer = NSPOTrainer(
+            str(tiny_model_dir),
+            length_reward,
+            NSPOConfig(**config(tmp_path, projectors_path=str(projectors))),
+            train_dataset=TRAIN,
+            peft_config=lora(target_modules=["q_proj", "v_proj"]),
+        )
+    assert trainer.projectors.calibration["num_samples"] == 2
+    # Named again with the same settings, the data is checked against the file, and matches.
+    calibration_settings = dict(
+        calibration_num_samples=2, calibration_max_length=64, calibration_generate_completions=False
+    )
+    with mock.patch("trl_nspo.nspo_trainer.compute_projectors", side_effect=recalibration):
+        NSPOTrainer(
+            str(tiny_model_dir),
+            length_reward,
+            NSPOConfig(**config(tmp_path, projectors_path=str(projectors), **calibration_settings)),
+            train_dataset=TRAIN,
+            calibration_dataset=load_calibration_dataset(str(general_file), num_samples=2),
+            peft_config=lora(target_modules=["q_proj", "v_proj"]),
+        )
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,25 @@ from safetensors.torch import save_file
 from trl_nspo.null_space import NullSpaceBasis, NullSpaceRule
 from trl_nspo.projectors import (
     PROJECTORS_FILE_NAME,
+    ModelFingerprint,
     NullSpaceProjectors,
     ProjectorFileError,
     ProjectorGroup,
 )
+
+# Ascending eigenvalues: 3 below 1e-3 of the largest (the stored null space of the first group), 2 of 6 not.
+EIGENVALUES = torch.tensor([1e-9, 1e-8, 1e-7, 1e-2, 0.1, 0.5, 1.0, 2.0], dtype=torch.float64)
+
+
+def make_fingerprint(**config) -> ModelFingerprint:
+    return ModelFingerprint(
+        config={"hidden_size": 8, "rope_parameters": {"rope_theta": 10000.0}, **config},
+        tensors={
+            "model.embed_tokens.weight": "e" * 16,
+            "model.norm.weight": "n" * 16,
+            "layers.0.attn.q.weight": "q" * 16,
+        },
+    )
 
 
 def make_projectors() -> NullSpaceProjectors:
@@ -19,18 +34,22 @@ def make_projectors() -> NullSpaceProjectors:
     return NullSpaceProjectors(
         groups={
             "layers.0.attn.q": ProjectorGroup(
-                ["layers.0.attn.q", "layers.0.attn.k"], NullSpaceBasis(q[:, :3], True), 40, torch.randn(8, 4)
+                ["layers.0.attn.q", "layers.0.attn.k"],
+                NullSpaceBasis(q[:, :3], True),
+                40,
+                torch.randn(8, 4),
+                EIGENVALUES,
             ),
             "layers.0.mlp.down": ProjectorGroup(["layers.0.mlp.down"], NullSpaceBasis(q[:, :2], False), 40),
         },
         rule=NullSpaceRule(rule="energy", energy=1e-3, max_null_dim=7),
-        base_weight_fingerprints=dict.fromkeys(["layers.0.attn.q", "layers.0.attn.k", "layers.0.mlp.down"], "f" * 16),
+        model_fingerprint=make_fingerprint(),
         calibration={"num_samples": 2, "token_count": 40, "data_fingerprint": "d" * 64},
     )
 
 
 INPUT_DIMS = {"layers.0.attn.q": 8, "layers.0.attn.k": 8, "layers.0.mlp.down": 8}
-FINGERPRINTS = dict.fromkeys(INPUT_DIMS, "f" * 16)
+FINGERPRINTS = make_fingerprint()
 
 
 def test_round_trip_keeps_bases_sketches_and_metadata(tmp_path):
@@ -47,6 +66,8 @@ def test_round_trip_keeps_bases_sketches_and_metadata(tmp_path):
         loaded.groups["layers.0.attn.q"].input_sketch, projectors.groups["layers.0.attn.q"].input_sketch
     )
     assert loaded.groups["layers.0.mlp.down"].input_sketch is None
+    torch.testing.assert_close(loaded.groups["layers.0.attn.q"].eigenvalues, EIGENVALUES, rtol=0, atol=0)
+    assert loaded.model_fingerprint == projectors.model_fingerprint
     loaded.check_matches(INPUT_DIMS, FINGERPRINTS, "test")
 
 
@@ -66,7 +87,7 @@ def test_interrupted_save_leaves_the_previous_file_intact(tmp_path):
     [
         (
             {**INPUT_DIMS, "layers.1.attn.q": 8},
-            {**FINGERPRINTS, "layers.1.attn.q": "f" * 16},
+            FINGERPRINTS,
             r"Missing: layers\.1\.attn\.q",
         ),
         (
@@ -76,8 +97,14 @@ def test_interrupted_save_leaves_the_previous_file_intact(tmp_path):
         ),
         (
             INPUT_DIMS,
-            {**FINGERPRINTS, "layers.0.attn.k": "0" * 16},
-            r"different base weights for layers\.0\.attn\.k\.",
+            make_fingerprint(rope_parameters={"rope_theta": 5e5}),
+            r"different model: config `rope_parameters`: \{'rope_theta': 10000\.0\} in the file, "
+            r"\{'rope_theta': 500000\.0\} in this run",
+        ),
+        (
+            INPUT_DIMS,
+            ModelFingerprint(FINGERPRINTS.config, {**FINGERPRINTS.tensors, "model.norm.weight": "0" * 16}),
+            r"different model: weights of model\.norm\.weight\.",
         ),
     ],
 )
@@ -95,7 +122,7 @@ def test_projectors_for_more_modules_serve_a_subset(tmp_path):
     restricted = loaded.restricted_to(list(subset))
     assert restricted.null_dims() == {"layers.0.attn.k": (3, 8)}
     assert list(restricted.groups) == ["layers.0.attn.k"]
-    assert restricted.base_weight_fingerprints == {"layers.0.attn.k": "f" * 16}
+    assert restricted.model_fingerprint == loaded.model_fingerprint
     assert restricted.same_bases(loaded.restricted_to(["layers.0.attn.k"]))
     assert not restricted.same_bases(loaded)
 
@@ -131,7 +158,7 @@ def _rewrite_metadata(path, edit):
 def test_other_format_version_is_refused(tmp_path):
     path = make_projectors().save(tmp_path)
     _rewrite_metadata(path, lambda metadata, tensors: metadata.update(format_version=99))
-    with pytest.raises(ProjectorFileError, match="format version 99; this trl-nspo reads version 1"):
+    with pytest.raises(ProjectorFileError, match="format version 99; this trl-nspo reads versions 1, 2"):
         NullSpaceProjectors.load(path)
 
 
@@ -147,3 +174,71 @@ def test_missing_tensor_is_refused(tmp_path):
     _rewrite_metadata(path, lambda metadata, tensors: tensors.pop("layers.0.mlp.down.basis"))
     with pytest.raises(ProjectorFileError, match="no tensor 'layers.0.mlp.down.basis'"):
         NullSpaceProjectors.load(path)
+
+
+def test_version_1_file_loads_but_never_matches_a_model(tmp_path):
+    path = make_projectors().save(tmp_path)
+
+    def as_version_1(metadata, tensors):
+        metadata.update(format_version=1, base_weight_fingerprints=dict.fromkeys(INPUT_DIMS, "f" * 16))
+        del metadata["model_fingerprint"]
+        for key in [key for key in tensors if key.endswith(".eigenvalues")]:
+            del tensors[key]
+
+    _rewrite_metadata(path, as_version_1)
+    old = NullSpaceProjectors.load(path)
+    assert old.model_fingerprint is None and "layers.0.attn.q" in old.summary()
+    with pytest.raises(
+        ProjectorFileError, match=r"format version 1, which records a fingerprint of neither.*Delete it"
+    ):
+        old.check_matches(INPUT_DIMS, FINGERPRINTS, str(path))
+
+
+class TestRuleCheck:
+    def test_settings_the_rules_do_not_use_are_not_compared(self):
+        projectors = make_projectors()
+        projectors.rule = NullSpaceRule(rule="relative", alpha=1e-3, energy=1e-4)
+        projectors.check_rule(NullSpaceRule(rule="relative", alpha=1e-3, energy=0.5), "here")
+
+    def test_another_rule_selecting_the_same_null_spaces_is_accepted(self):
+        projectors = make_projectors().restricted_to(["layers.0.attn.q"])
+        # 3 of the stored eigenvalues are below 1e-3 × the largest, and below 1e-4 of it as well.
+        projectors.check_rule(NullSpaceRule(rule="relative", alpha=1e-4), "here")
+
+    def test_another_rule_selecting_other_null_spaces_names_fields_and_modules(self):
+        projectors = make_projectors().restricted_to(["layers.0.attn.q"])
+        with pytest.raises(
+            ProjectorFileError,
+            match=r"null_space_rule: 'energy' in the file, 'relative' in this run; null_space_alpha: 5e-05 in the "
+            r"file, 0\.01 in this run; null_space_energy: 0\.001 in the file, 0\.0001 in this run; "
+            r"null_space_max_dim: "
+            r"7 in the file, None in this run\. On the stored eigenvalues it selects other null dimensions for "
+            r"layers\.0\.attn\.q \(3 → 4\)",
+        ):
+            projectors.check_rule(NullSpaceRule(rule="relative", alpha=1e-2), "here")
+
+    def test_a_file_without_eigenvalues_is_refused_for_another_rule(self):
+        with pytest.raises(ProjectorFileError, match=r"null_space_max_dim: 7 in the file, None in this run\. Delete"):
+            make_projectors().check_rule(NullSpaceRule(rule="energy", energy=1e-3), "here")
+
+
+def test_calibration_mismatch_names_the_field_and_both_values():
+    projectors = make_projectors()
+    projectors.calibration.update(
+        generate_completions=False, completion_length=128, chat_template_fingerprint="a" * 16
+    )
+    # The completion length is not used without completions: not compared.
+    projectors.check_calibration({"num_samples": 2, "generate_completions": False, "completion_length": 8}, "here")
+    with pytest.raises(
+        ProjectorFileError,
+        match=r"calibration_num_samples: 2 in the file, 1024 in this run; tokenizer chat template \(fingerprint\): "
+        r"'a{16}' in the file, 'b{16}' in this run",
+    ):
+        projectors.check_calibration({"num_samples": 1024, "chat_template_fingerprint": "b" * 16}, "here")
+
+
+def test_summary_states_the_stored_size():
+    projectors = make_projectors()
+    expected = sum(t.numel() * t.element_size() for t in projectors._tensors().values())
+    assert projectors.stored_bytes == expected
+    assert f"Projector file size: {expected / 2**20:.1f} MB" in projectors.summary()

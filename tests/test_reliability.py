@@ -5,6 +5,7 @@ Every scenario is compared against one uninterrupted run (`resume_worker.build_t
 2), trained once per module.
 """
 
+import json
 import logging
 import re
 import shutil
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from test_trainer import CALIBRATION, config, length_reward, lora, output_change_on_calibration_inputs
 
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceBasis, NullSpaceError, NullSpaceProjectors, ProjectorFileError
-from trl_nspo.projectors import PROJECTORS_FILE_NAME
+from trl_nspo.projectors import PROJECTORS_FILE_NAME, PROJECTORS_REFERENCE_NAME, file_sha256
 
 FIRST_CHECKPOINT = f"checkpoint-{SAVE_STEPS}"
 LAST_CHECKPOINT = f"checkpoint-{MAX_STEPS}"
@@ -105,14 +106,54 @@ def save_file_that_dies_half_way(tensors, filename, metadata=None):
 
 
 class TestProjectorFiles:
-    def test_saved_after_calibration_and_with_every_checkpoint(self, uninterrupted, tmp_path):
+    def test_written_once_and_referenced_by_every_checkpoint(self, uninterrupted, tmp_path):
         assert uninterrupted.projectors_saved_before_training
-        projectors = uninterrupted.trainer.projectors
+        run_file = uninterrupted.output_dir / PROJECTORS_FILE_NAME
+        assert uninterrupted.trainer.projectors_file == run_file
         for directory in (uninterrupted.output_dir / FIRST_CHECKPOINT, uninterrupted.output_dir / LAST_CHECKPOINT):
             assert (directory / "adapter_model.safetensors").is_file()
-            assert NullSpaceProjectors.load(directory).metadata() == projectors.metadata()
-        uninterrupted.trainer.save_model(str(tmp_path / "final"))
-        assert NullSpaceProjectors.load(tmp_path / "final").same_bases(projectors)
+            assert not (directory / PROJECTORS_FILE_NAME).exists()
+            reference = json.loads((directory / PROJECTORS_REFERENCE_NAME).read_text())
+            assert reference == {
+                "path": str(run_file.resolve()),
+                "sha256": file_sha256(run_file),
+                "size_bytes": run_file.stat().st_size,
+            }
+        # The final save into the output directory finds the run's file there: nothing is written twice.
+        written = run_file.stat().st_mtime_ns
+        uninterrupted.trainer.save_model()
+        assert run_file.stat().st_mtime_ns == written
+        assert projector_files(uninterrupted.output_dir) == [PROJECTORS_FILE_NAME]
+
+    def test_save_model_elsewhere_makes_a_self_contained_folder(self, uninterrupted, tmp_path, caplog):
+        with caplog.at_level(logging.INFO, logger="trl_nspo"):
+            uninterrupted.trainer.save_model(str(tmp_path / "final"))
+        saved = tmp_path / "final" / PROJECTORS_FILE_NAME
+        assert file_sha256(saved) == file_sha256(uninterrupted.output_dir / PROJECTORS_FILE_NAME)
+        assert NullSpaceProjectors.load(saved).same_bases(uninterrupted.trainer.projectors)
+        assert f"NSPO projector file ({saved.stat().st_size / 2**20:.1f} MB) saved to {saved}" in caplog.text
+
+    def test_final_save_keeps_the_trained_projectors_if_the_run_file_was_replaced(
+        self, uninterrupted, tiny_model_dir, tmp_path
+    ):
+        output_dir = restart_dir(tmp_path, uninterrupted)
+        trainer = build_trainer(tiny_model_dir, output_dir)
+        # Someone recalibrates into the run's projectors_path while it trains.
+        other = NullSpaceProjectors.load(output_dir)
+        other.calibration = {**other.calibration, "token_count": -1}
+        other.save(output_dir)
+        with pytest.warns(UserWarning, match="changed since this run loaded it"):
+            trainer.save_model(str(tmp_path / "final"))
+        saved = NullSpaceProjectors.load(tmp_path / "final")
+        assert saved.calibration["token_count"] == trainer.projectors.calibration["token_count"] > 0
+
+    def test_size_is_logged_when_the_file_is_written(self, tiny_model_dir, tmp_path, caplog):
+        with caplog.at_level(logging.INFO, logger="trl_nspo"):
+            trainer = build_trainer(tiny_model_dir, tmp_path / "out")
+        size = trainer.projectors_file.stat().st_size
+        assert f"Saved NSPO projectors ({size / 2**20:.1f} MB) to {trainer.projectors_file}" in caplog.text
+        assert f"Projector file size: {trainer.projectors.stored_bytes / 2**20:.1f} MB" in caplog.text
+        assert abs(size - trainer.projectors.stored_bytes) < 64 * 1024  # the rest is the JSON header
 
     def test_restart_reuses_them_without_recalibrating(self, uninterrupted, tiny_model_dir, tmp_path):
         output_dir = restart_dir(tmp_path, uninterrupted)
@@ -125,14 +166,22 @@ class TestProjectorFiles:
     @pytest.mark.parametrize(
         "overrides, calibration, message",
         [
-            ({"null_space_alpha": 1e-6}, CALIBRATION, r"selected with .*alpha=1e-10.*asks for .*alpha=1e-06"),
-            ({"null_space_rule": "energy"}, CALIBRATION, r"selected with .*'relative'.*asks for .*'energy'"),
-            ({"null_space_max_dim": 8}, CALIBRATION, r"selected with .*max_null_dim=None.*asks for .*max_null_dim=8"),
-            ({}, OTHER_CALIBRATION, "other calibration data or settings"),
-            ({"calibration_num_samples": 1}, CALIBRATION, "other calibration data or settings"),
-            ({"calibration_max_length": 64}, CALIBRATION, "other calibration data or settings"),
-            ({"calibration_completion_length": 16}, CALIBRATION, "other calibration data or settings"),
-            ({"calibration_generate_completions": False}, CALIBRATION, "other calibration data or settings"),
+            ({"null_space_alpha": 0.5}, CALIBRATION, r"null_space_alpha: 1e-10 in the file, 0\.5 in this run"),
+            ({"null_space_rule": "energy"}, CALIBRATION, r"null_space_rule: 'relative' in the file, 'energy' in this"),
+            ({"null_space_max_dim": 8}, CALIBRATION, r"null_space_max_dim: None in the file, 8 in this run"),
+            ({}, OTHER_CALIBRATION, r"calibration dataset rows \(fingerprint\): '[0-9a-f]+' in the file"),
+            ({"calibration_num_samples": 1}, CALIBRATION, "calibration_num_samples: 1024 in the file, 1 in this run"),
+            ({"calibration_max_length": 8}, CALIBRATION, "calibration_max_length: 256 in the file, 8 in this run"),
+            (
+                {"calibration_completion_length": 16},
+                CALIBRATION,
+                "calibration_completion_length: 8 in the file, 16 in",
+            ),
+            (
+                {"calibration_generate_completions": False},
+                CALIBRATION,
+                "calibration_generate_completions: True in the file, False in this run",
+            ),
         ],
     )
     def test_restart_with_another_rule_or_calibration_is_refused(
@@ -168,7 +217,7 @@ class TestResume:
     def test_checkpoint_without_projectors_is_refused_before_any_step(self, uninterrupted, tiny_model_dir, tmp_path):
         output_dir = restart_dir(tmp_path, uninterrupted, FIRST_CHECKPOINT)
         checkpoint = output_dir / FIRST_CHECKPOINT
-        (checkpoint / PROJECTORS_FILE_NAME).unlink()
+        (checkpoint / PROJECTORS_REFERENCE_NAME).unlink()
         rewards = []
         trainer = build_trainer(tiny_model_dir, output_dir, counting(rewards))
         with pytest.raises(ProjectorFileError, match=rf"{re.escape(str(checkpoint))} has no NSPO projector file"):
@@ -176,11 +225,24 @@ class TestResume:
         assert rewards == [] and trainer.state.global_step == 0
         assert not (output_dir / LAST_CHECKPOINT).exists()
 
+    def test_checkpoint_referencing_another_projector_file_is_refused(self, uninterrupted, tiny_model_dir, tmp_path):
+        output_dir = restart_dir(tmp_path, uninterrupted, FIRST_CHECKPOINT)
+        reference_path = output_dir / FIRST_CHECKPOINT / PROJECTORS_REFERENCE_NAME
+        reference = json.loads(reference_path.read_text())
+        reference_path.write_text(json.dumps({**reference, "sha256": "0" * 64}))
+        rewards = []
+        trainer = build_trainer(tiny_model_dir, output_dir, counting(rewards))
+        with pytest.raises(ProjectorFileError, match=r"trained with the projector file .* \(SHA-256 000000000000…\)"):
+            trainer.train(resume_from_checkpoint=True)
+        assert rewards == [] and trainer.state.global_step == 0
+
     def test_checkpoint_trained_in_other_null_spaces_is_refused(self, uninterrupted, tiny_model_dir, tmp_path):
         output_dir = restart_dir(tmp_path, uninterrupted, FIRST_CHECKPOINT)
         checkpoint = output_dir / FIRST_CHECKPOINT
-        # Same modules, dimensions, rule and base weights; one basis spans another subspace.
-        other = NullSpaceProjectors.load(checkpoint)
+        # A checkpoint holding its own projector file (as trl-nspo wrote them before references): same modules,
+        # dimensions, rule and model; one basis spans another subspace.
+        (checkpoint / PROJECTORS_REFERENCE_NAME).unlink()
+        other = NullSpaceProjectors.load(output_dir)
         group = next(iter(other.groups.values()))
         rotated, _ = torch.linalg.qr(torch.randn(group.basis.basis.shape, generator=torch.Generator().manual_seed(0)))
         group.basis = NullSpaceBasis(rotated, group.basis.stores_null)
@@ -288,13 +350,17 @@ class TestInterruptedWrites:
                     build_trainer(tiny_model_dir, output_dir)
             assert projector_files(output_dir) == []
             trainer = build_trainer(tiny_model_dir, output_dir)
-        good = (output_dir / PROJECTORS_FILE_NAME).read_bytes()
-        # A checkpoint (or the final save) that dies while writing the projectors keeps the good file as it was.
-        with mock.patch("trl_nspo.projectors.save_file", side_effect=save_file_that_dies_half_way):
+        # A final save elsewhere that dies while copying the projectors leaves no file there to load.
+        final = tmp_path / "final"
+        with (
+            mock.patch("trl_nspo.projectors.os.link", side_effect=OSError(18, "Invalid cross-device link")),
+            mock.patch("trl_nspo.projectors.shutil.copyfile", side_effect=OSError(28, "No space left on device")),
+        ):
             with pytest.raises(OSError, match="No space left"):
-                trainer.save_model()
-        assert projector_files(output_dir) == [PROJECTORS_FILE_NAME]
-        assert (output_dir / PROJECTORS_FILE_NAME).read_bytes() == good
+                trainer.save_model(str(final))
+        assert projector_files(final) == []
+        trainer.save_model(str(final))
+        assert file_sha256(final / PROJECTORS_FILE_NAME) == file_sha256(output_dir / PROJECTORS_FILE_NAME)
 
     def test_non_finite_gradient_stops_training_before_the_adapter_is_corrupted(
         self, uninterrupted, tiny_model_dir, tmp_path

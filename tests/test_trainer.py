@@ -1,12 +1,15 @@
 """End-to-end tests of NSPOTrainer on the tiny offline model: the null-space guarantee, and what is refused."""
 
+import json
 import math
+import shutil
 import textwrap
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
-from conftest import build_tiny_gpt2, build_tiny_model, build_tiny_tokenizer
+from conftest import CHAT_TEMPLATE, build_tiny_gpt2, build_tiny_model, build_tiny_tokenizer
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers.pytorch_utils import Conv1D
@@ -298,6 +301,95 @@ class TestProjectorFiles:
         assert saved.metadata() == first.projectors.metadata()
         assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
 
+    def test_unchanged_setup_reuses_the_file_without_recalibrating(self, tiny_model_dir, tmp_path):
+        path = str(tmp_path / "p")
+        first = build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), projectors_path=path)
+        recalibration = AssertionError("recalibrated although the file matches")
+        with mock.patch("trl_nspo.nspo_trainer.compute_projectors", side_effect=recalibration):
+            second = build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), projectors_path=path)
+        assert second.projectors.same_bases(first.projectors)
+
+    def test_changed_chat_template_is_refused(self, tiny_model_dir, tmp_path):
+        # The calibration prompts are chat messages: another template feeds the layers other tokens.
+        path = str(tmp_path / "p")
+        build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), projectors_path=path)
+        tokenizer = build_tiny_tokenizer()
+        tokenizer.chat_template = CHAT_TEMPLATE.replace("<|end|>", "\n<|end|>")
+        with pytest.raises(
+            ProjectorFileError,
+            match=r"other calibration data.*tokenizer chat template \(fingerprint\): .[0-9a-f]{16}. in the "
+            r"file, '[0-9a-f]{16}' in this run; calibration prompt tokens",
+        ):
+            NSPOTrainer(
+                str(tiny_model_dir),
+                length_reward,
+                NSPOConfig(**config(tmp_path, projectors_path=path)),
+                train_dataset=TRAIN,
+                calibration_dataset=CALIBRATION,
+                processing_class=tokenizer,
+                peft_config=lora(),
+            )
+
+    def test_changed_config_is_refused(self, tiny_model_dir, tmp_path):
+        path = str(tmp_path / "p")
+        build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), projectors_path=path)
+        other_dir = shutil.copytree(tiny_model_dir, tmp_path / "rope")
+        model_config = json.loads((other_dir / "config.json").read_text())
+        model_config["rope_parameters"]["rope_theta"] = 500000.0
+        (other_dir / "config.json").write_text(json.dumps(model_config))
+        with pytest.raises(
+            ProjectorFileError,
+            match=r"different model: config `rope_parameters`: \{.*'rope_theta': 10000\.0.*\} in the file, "
+            r"\{.*'rope_theta': 500000\.0.*\} in this run; weights of .*rotary_emb\.inv_freq",
+        ):
+            build_nspo(other_dir, tmp_path, peft_config=lora(), calibration=None, projectors_path=path)
+
+    @pytest.mark.parametrize("weight", ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"])
+    def test_changed_weight_outside_the_constrained_layers_is_refused(self, tiny_model_dir, tmp_path, weight):
+        # Only q_proj is constrained; the embedding and the norm change its inputs all the same.
+        path = str(tmp_path / "p")
+        build_nspo(tiny_model_dir, tmp_path, peft_config=lora(target_modules=["q_proj"]), projectors_path=path)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        with torch.no_grad():
+            model.get_parameter(weight)[0] += 0.5
+        with pytest.raises(ProjectorFileError, match=rf"different model: weights of {weight.replace('.', '[.]')}\."):
+            NSPOTrainer(
+                model,
+                length_reward,
+                NSPOConfig(**config(tmp_path, projectors_path=path)),
+                train_dataset=TRAIN,
+                calibration_dataset=CALIBRATION,
+                processing_class=build_tiny_tokenizer(),
+                peft_config=lora(target_modules=["q_proj"]),
+            )
+
+    def test_settings_mismatch_names_the_field_and_both_values(self, tiny_model_dir, tmp_path):
+        path = str(tmp_path / "p")
+        build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), projectors_path=path)
+        with pytest.raises(
+            ProjectorFileError, match=r"calibration_completion_length: 8 in the file, 16 in this run\. Delete the file"
+        ):
+            build_nspo(
+                tiny_model_dir, tmp_path, peft_config=lora(), projectors_path=path, calibration_completion_length=16
+            )
+        # Without calibration data, the file is used as it was made.
+        trainer = build_nspo(
+            tiny_model_dir,
+            tmp_path,
+            peft_config=lora(),
+            calibration=None,
+            projectors_path=path,
+            calibration_completion_length=16,
+        )
+        assert trainer.projectors.calibration["completion_length"] == 8
+
+    def test_rule_setting_the_rule_does_not_use_is_not_compared(self, tiny_model_dir, tmp_path):
+        path = str(tmp_path / "p")
+        build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), projectors_path=path)
+        build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), projectors_path=path, null_space_energy=0.5)
+
     def test_projectors_of_another_model_are_refused(self, tiny_model_dir, tmp_path):
         other = build_tiny_model(build_tiny_tokenizer(), seed=1)
         NSPOTrainer(
@@ -309,7 +401,9 @@ class TestProjectorFiles:
             processing_class=build_tiny_tokenizer(),
             peft_config=lora(),
         )
-        with pytest.raises(ProjectorFileError, match="different base weights"):
+        with pytest.raises(
+            ProjectorFileError, match=r"different model: weights of lm_head\.weight, model\.embed_tokens\.weight"
+        ):
             build_nspo(
                 tiny_model_dir, tmp_path, peft_config=lora(), calibration=None, projectors_path=str(tmp_path / "p")
             )
@@ -421,6 +515,16 @@ class TestRefusals:
         ):
             build_nspo(tiny_model_dir, tmp_path, peft_config=lora(r=32))
 
+    def test_rank_above_a_saved_files_null_dimension_says_the_file_needs_recalibrating(self, tiny_model_dir, tmp_path):
+        path = tmp_path / "p"
+        build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), projectors_path=str(path))
+        with pytest.raises(
+            NullSpaceError,
+            match=rf"rank 32\).*read from {path}/nspo_projectors\.safetensors: a new rule or threshold needs it "
+            "recalibrated",
+        ):
+            build_nspo(tiny_model_dir, tmp_path, peft_config=lora(r=32), calibration=None, projectors_path=str(path))
+
     def test_empty_null_space_is_refused(self, tiny_model_dir, tmp_path):
         calibration = Dataset.from_dict({"text": [" ".join(f"w{i}" for i in range(200))]})
         with pytest.raises(NullSpaceError, match="null space of .* empty"):
@@ -432,6 +536,18 @@ class TestRefusals:
                 null_space_alpha=1e-12,
                 calibration_max_length=200,
             )
+
+    def test_refused_run_leaves_no_file_so_the_advised_change_works(self, tiny_model_dir, tmp_path):
+        calibration = Dataset.from_dict({"text": [" ".join(f"w{i}" for i in range(200))]})
+        empty = dict(calibration=calibration, null_space_alpha=1e-12, calibration_max_length=200)
+        with pytest.raises(NullSpaceError, match=r"null space of .* empty.*null_space_energy` \(energy rule\)"):
+            build_nspo(tiny_model_dir, tmp_path, peft_config=lora(r=1), **empty)
+        assert not (tmp_path / "out" / "nspo_projectors.safetensors").exists()
+        # The error's advice: the energy rule.
+        advised = {**empty, "null_space_rule": "energy", "null_space_energy": 0.05}
+        trainer = build_nspo(tiny_model_dir, tmp_path, peft_config=lora(r=1), **advised)
+        assert trainer.projectors.rule.rule == "energy"
+        assert (tmp_path / "out" / "nspo_projectors.safetensors").is_file()
 
     def test_grpo_config_is_refused(self, tiny_model_dir, tmp_path):
         with pytest.raises(TypeError, match="Replace GRPOConfig by NSPOConfig"):

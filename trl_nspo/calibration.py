@@ -16,6 +16,7 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,8 +28,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from .null_space import CovarianceAccumulator, NullSpaceError, NullSpaceRule, null_space_from_covariance
-from .projectors import NullSpaceProjectors, ProjectorGroup
+from .null_space import CovarianceAccumulator, NullSpaceBasis, NullSpaceError, NullSpaceRule, decompose_covariance
+from .projectors import ModelFingerprint, NullSpaceProjectors, ProjectorGroup
 
 logger = logging.getLogger(__name__)
 
@@ -183,22 +184,85 @@ def constrained_input_dim(module: nn.Module) -> int:
     return module.nx if isinstance(module, Conv1D) else module.in_features
 
 
-def base_weight_fingerprints(modules: dict[str, nn.Module]) -> dict[str, str]:
-    """
-    A fingerprint of each module's base weight: shape, dtype and 1,024 strided values.
+# Config fields that cannot change what a layer computes; everything else (rope, norms' eps, sizes…) is compared.
+_CONFIG_FIELDS_WITHOUT_EFFECT = {
+    "_name_or_path",
+    "_commit_hash",
+    "architectures",
+    "transformers_version",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    # The weights' bytes carry their dtype; the config's copy differs with how the model was loaded.
+    "dtype",
+    "torch_dtype",
+    # Padding is masked out; GRPOTrainer copies the tokenizer's pad id into the config, `trl-nspo calibrate` does not.
+    "pad_token_id",
+}
+_HASH_BLOCK_ELEMENTS = 1 << 24
 
-    Strided values instead of full hashes keep this cheap for billions of parameters while still telling one
-    checkpoint from another; one per module lets a projector file computed for more modules serve a subset.
+
+def model_fingerprint(model: nn.Module) -> ModelFingerprint:
     """
-    fingerprints = {}
-    for name, module in modules.items():
-        weight = base_linear(module).weight.detach()
-        flat = weight.reshape(-1)
-        indices = torch.linspace(0, flat.numel() - 1, steps=min(1024, flat.numel()), device=flat.device).long()
-        digest = hashlib.sha256(f"{tuple(weight.shape)}:{weight.dtype};".encode())
-        digest.update(flat[indices].float().cpu().numpy().tobytes())
-        fingerprints[name] = digest.hexdigest()[:16]
-    return fingerprints
+    The config and a hash of every base parameter and buffer of `model` (PEFT adapters excluded), by canonical name,
+    so projectors from a PEFT-wrapped model match the plain model and any adapter on it.
+
+    Every byte of every base tensor is hashed (SHA-256, in 16M-element blocks to bound device memory): sampling values
+    would miss an edit to a few rows. The cost is O(model bytes), paid once per run start: about 1.7 GB/s on one CPU
+    core, i.e. ~10 s for a 7B model in bfloat16 (15 GB), plus the device-to-host copy.
+    """
+    adapter_tensors = _adapter_tensor_ids(model)
+    tensors = {}
+    named = [*model.named_parameters(remove_duplicate=True), *model.named_buffers(remove_duplicate=True)]
+    for name, tensor in named:
+        if id(tensor) in adapter_tensors:
+            continue
+        tensors[_base_tensor_name(name)] = _tensor_sha256(tensor)
+    config = getattr(model, "config", None)
+    config_values = {} if config is None else _config_with_effect(json.loads(config.to_json_string(use_diff=False)))
+    return ModelFingerprint(config=config_values, tensors=dict(sorted(tensors.items())))
+
+
+def _config_with_effect(values: dict[str, Any]) -> dict[str, Any]:
+    # Nested configs (a multimodal model's `text_config`) carry the same fields.
+    return {
+        key: _config_with_effect(value) if isinstance(value, dict) else value
+        for key, value in values.items()
+        if key not in _CONFIG_FIELDS_WITHOUT_EFFECT
+    }
+
+
+def _adapter_tensor_ids(model: nn.Module) -> set[int]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    ids = set()
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for attribute in (*module.adapter_layer_names, *module.other_param_names):
+                value = getattr(module, attribute, None)
+                if isinstance(value, nn.Module):
+                    ids.update(id(tensor) for tensor in (*value.parameters(), *value.buffers()))
+        elif isinstance(module, ModulesToSaveWrapper):
+            ids.update(id(tensor) for tensor in module.modules_to_save.parameters())
+    return ids
+
+
+def _base_tensor_name(name: str) -> str:
+    # PEFT keeps the wrapped layer as `…q_proj.base_layer` (LoRA) or `….original_module` (modules_to_save).
+    parts = canonical_module_name(name).split(".")
+    return ".".join(part for part in parts if part not in ("base_layer", "original_module"))
+
+
+def _tensor_sha256(tensor: torch.Tensor) -> str:
+    tensor = tensor.detach()
+    digest = hashlib.sha256(f"{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), _HASH_BLOCK_ELEMENTS):
+        block = flat[start : start + _HASH_BLOCK_ELEMENTS].contiguous().cpu()
+        digest.update(block.view(torch.uint8).numpy())  # the buffer itself: no copy to bytes
+    return digest.hexdigest()[:16]
 
 
 def tokens_fingerprint(sequences: Sequence[Sequence[int]]) -> str:
@@ -209,17 +273,44 @@ def tokens_fingerprint(sequences: Sequence[Sequence[int]]) -> str:
     return digest.hexdigest()
 
 
-def calibration_source_fingerprint(dataset: Dataset, settings: CalibrationSettings) -> str:
+def calibration_record(
+    model: nn.Module, processing_class, dataset: Dataset, settings: CalibrationSettings
+) -> dict[str, Any]:
     """
-    A fingerprint of the calibration rows used and of the settings that shape the sequences, cheap to compute
-    before any generation, so a saved projector file can be checked against the data a run is given.
+    What reaches the layers in calibration, given the model: the settings that shape the sequences, and fingerprints
+    of the dataset rows used, of the chat template, of the prompts' token ids and, with completions, of what steers
+    greedy decoding (generation config, stop tokens). Cheap (tokenization only, no generation), so a saved projector
+    file can be checked against the data a run is given.
     """
+    tokenizer = _tokenizer_of(processing_class)
     rows = dataset.select(range(min(settings.num_samples, len(dataset))))
-    shaping = [settings.num_samples, settings.max_length, settings.generate_completions, settings.completion_length]
-    digest = hashlib.sha256(json.dumps(shaping).encode())
+    rows_digest = hashlib.sha256()
     for row in rows:
-        digest.update(json.dumps(row, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
+        rows_digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+    prompts, _, _ = calibration_prompts(processing_class, dataset, settings)
+    template = json.dumps(getattr(tokenizer, "chat_template", None), sort_keys=True)
+    record = {
+        "num_samples": settings.num_samples,
+        "max_length": settings.max_length,
+        "generate_completions": settings.generate_completions,
+        "completion_length": settings.completion_length,
+        "rows_fingerprint": rows_digest.hexdigest()[:16],
+        "chat_template_fingerprint": hashlib.sha256(template.encode()).hexdigest()[:16],
+        "prompt_fingerprint": hashlib.sha256(tokens_fingerprint(prompts).encode()).hexdigest()[:16],
+    }
+    if settings.generate_completions:
+        # Greedy decoding also follows the generation config (repetition penalty, suppressed tokens…) and stops at
+        # its EOS ids; the pad id only fills masked positions (and GRPOTrainer rewrites it).
+        generation = {
+            key: value
+            for key, value in model.generation_config.to_diff_dict().items()
+            if key not in ("pad_token_id", "transformers_version", "_from_model_config")
+        }
+        generation["stop_token_ids"] = sorted(stop_token_ids(model, tokenizer))
+        record["completion_fingerprint"] = hashlib.sha256(
+            json.dumps(generation, sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
+    return record
 
 
 @contextlib.contextmanager
@@ -260,22 +351,16 @@ def _tokenizer_of(processing_class) -> PreTrainedTokenizerBase:
     return getattr(processing_class, "tokenizer", processing_class)
 
 
-def calibration_token_sequences(
-    model: nn.Module,
-    processing_class,
-    dataset: Dataset,
-    settings: CalibrationSettings,
-    show_progress: bool = True,
-) -> tuple[list[list[int]], dict[str, int]]:
+def calibration_prompts(
+    processing_class, dataset: Dataset, settings: CalibrationSettings
+) -> tuple[list[list[int]], dict[str, int], str]:
     """
-    Token ids of every calibration sequence: prompts (optionally followed by the model's greedy completion), or
-    whole conversations.
-
-    Accepts the dataset formats TRL does: `prompt` (text, or a list of chat messages), `messages` (full
-    conversations) or `text`.
+    Token ids of every calibration prompt (or conversation, or text), chat template applied and truncated to
+    `settings.max_length`; empty ones dropped.
 
     Returns:
-        `tuple[list[list[int]], dict[str, int]]`: the sequences, and counts (rows, truncated rows, generated tokens).
+        `tuple[list[list[int]], dict[str, int], str]`: the sequences, counts (rows, truncated rows, empty rows) and
+        the column they came from.
     """
     tokenizer = _tokenizer_of(processing_class)
     if len(dataset) == 0:
@@ -307,6 +392,28 @@ def calibration_token_sequences(
     sequences = [ids for ids in sequences if ids]
     if not sequences:
         raise NullSpaceError("Every calibration row tokenized to nothing; check the dataset's text column.")
+    return sequences, {"rows": len(texts), "truncated_rows": truncated, "empty_rows": empty}, column
+
+
+def calibration_token_sequences(
+    model: nn.Module,
+    processing_class,
+    dataset: Dataset,
+    settings: CalibrationSettings,
+    show_progress: bool = True,
+) -> tuple[list[list[int]], dict[str, int]]:
+    """
+    Token ids of every calibration sequence: prompts (optionally followed by the model's greedy completion), or
+    whole conversations.
+
+    Accepts the dataset formats TRL does: `prompt` (text, or a list of chat messages), `messages` (full
+    conversations) or `text`.
+
+    Returns:
+        `tuple[list[list[int]], dict[str, int]]`: the sequences, and counts (rows, truncated rows, generated tokens).
+    """
+    tokenizer = _tokenizer_of(processing_class)
+    sequences, counts, column = calibration_prompts(processing_class, dataset, settings)
     generated_tokens = 0
     if settings.generate_completions and column == "prompt":
         with adapters_disabled(model):
@@ -320,20 +427,20 @@ def calibration_token_sequences(
             )
         sequences = [prompt + completion for prompt, completion in zip(sequences, completions, strict=True)]
         generated_tokens = sum(len(completion) for completion in completions)
-    if truncated:
+    if counts["truncated_rows"]:
         logger.warning(
             "%d of %d calibration rows were longer than calibration_max_length=%d tokens and were truncated.",
-            truncated,
-            len(texts),
+            counts["truncated_rows"],
+            counts["rows"],
             settings.max_length,
         )
-    counts = {
-        "rows": len(texts),
-        "truncated_rows": truncated,
-        "empty_rows": empty,
-        "generated_tokens": generated_tokens,
-    }
-    return sequences, counts
+    return sequences, {**counts, "generated_tokens": generated_tokens}
+
+
+def stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The tokens that end a greedy calibration completion: the generation config's and the tokenizer's EOS."""
+    eos_ids = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else []
+    return set([eos_ids] if isinstance(eos_ids, int) else eos_ids) | {tokenizer.eos_token_id}
 
 
 @torch.no_grad()
@@ -351,8 +458,7 @@ def greedy_completions(
     """
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
-    eos_ids = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else []
-    eos_ids = set([eos_ids] if isinstance(eos_ids, int) else eos_ids) | {tokenizer.eos_token_id}
+    eos_ids = stop_token_ids(model, tokenizer)
     completions = []
     batches = range(0, len(prompts), batch_size)
     with eval_mode(model):
@@ -581,6 +687,7 @@ def compute_projectors(
     rule = rule or NullSpaceRule()
     show_progress = show_progress and _rank() == 0
     modules = find_constrained_modules(model, target_modules)
+    fingerprint = model_fingerprint(model)
     sequences, counts = calibration_token_sequences(model, processing_class, dataset, settings, show_progress)
     local_sequences = sequences[_rank() :: _world_size()]
     if not local_sequences:
@@ -594,21 +701,24 @@ def compute_projectors(
         model, modules, local_sequences, pad_id, settings, show_progress
     ):
         try:
-            basis = null_space_from_covariance(accumulator.sum, rule)
+            eigenvalues, eigenvectors = decompose_covariance(accumulator.sum)
+            basis = NullSpaceBasis.from_eigh(eigenvalues, eigenvectors, rule.null_dimension(eigenvalues))
         except NullSpaceError as error:
             raise NullSpaceError(f"{names[0]}: {error}") from error
         sketch = accumulator.sketch.float().cpu() if settings.sketch_dim else None
-        groups[names[0]] = ProjectorGroup(names, basis.to(device="cpu"), accumulator.token_count, sketch)
+        groups[names[0]] = ProjectorGroup(
+            names, basis.to(device="cpu", dtype=torch.float32), accumulator.token_count, sketch, eigenvalues.cpu()
+        )
     projectors = NullSpaceProjectors(
         groups=groups,
         rule=rule,
-        base_weight_fingerprints=base_weight_fingerprints(modules),
+        model_fingerprint=fingerprint,
         calibration={
             **asdict(settings),
             **counts,
             "token_count": sum(len(ids) for ids in sequences),
             "data_fingerprint": tokens_fingerprint(sequences),
-            "source_fingerprint": calibration_source_fingerprint(dataset, settings),
+            **calibration_record(model, processing_class, dataset, settings),
         },
     )
     _warn_about_thin_calibration(projectors)

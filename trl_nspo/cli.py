@@ -141,6 +141,7 @@ def calibrate(argv: Sequence[str]) -> None:
     from trl.trainer.utils import create_model_from_path
 
     from .calibration import compute_projectors
+    from .constraint import NullSpaceConstraint
 
     parser = TrlParser((CalibrateArguments, NSPOConfig, ModelConfig), prog="trl-nspo calibrate")
     arguments, training_args, model_args = parser.parse_args_and_config(args=list(argv))
@@ -159,9 +160,12 @@ def calibrate(argv: Sequence[str]) -> None:
         rule=training_args.null_space_rule_config(),
         target_modules=training_args.nspo_target_modules,
     )
+    # Refuse here what training would refuse (an empty null space, a LoRA rank above one), before a file is written
+    # that the advised change of rule or threshold could not act on.
+    NullSpaceConstraint(model, projectors, training_args.nspo_target_modules).check_ranks()
     path = projectors.save(training_args.projectors_path or training_args.output_dir)
     print(projectors.summary())
-    print(f"Saved {len(projectors.null_dims())} module projectors ({projectors.num_bytes / 2**20:.2f} MB) to {path}.")
+    print(f"Saved {len(projectors.null_dims())} module projectors ({path.stat().st_size / 2**20:.2f} MB) to {path}.")
 
 
 def _reward_functions(arguments: TrainArguments) -> list[Callable]:
@@ -181,6 +185,7 @@ def _reward_functions(arguments: TrainArguments) -> list[Callable]:
 def train(argv: Sequence[str]) -> None:
     from .data import demo_safety_dataset, load_safety_prompts
     from .nspo_trainer import NSPOTrainer
+    from .projectors import existing_projectors_file
 
     parser = TrlParser((TrainArguments, NSPOConfig, ModelConfig), prog="trl-nspo train")
     arguments, training_args, model_args = parser.parse_args_and_config(args=list(argv))
@@ -198,19 +203,29 @@ def train(argv: Sequence[str]) -> None:
             seed=training_args.seed,
             harmful_column=arguments.harmful_column,
         )
+    # A projector file given on purpose is used as it was made (it records its calibration); it is checked against
+    # calibration data only when the data is named, never against the embedded prompts substituted by default.
+    projectors_given = existing_projectors_file(training_args.projectors_path) is not None
+    calibration_dataset = None
+    if arguments.calibration_dataset_name is not None or not projectors_given:
+        calibration_dataset = _calibration_dataset(arguments, training_args.calibration_num_samples)
     trainer = NSPOTrainer(
         model=model_args.model_name_or_path,
         reward_funcs=_reward_functions(arguments),
         args=training_args,
         train_dataset=train_dataset,
         peft_config=get_peft_config(model_args),
-        calibration_dataset=_calibration_dataset(arguments, training_args.calibration_num_samples),
+        calibration_dataset=calibration_dataset,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     dataset_name = arguments.dataset_name or "trl-nspo embedded demo prompts"
     trainer.create_model_card(dataset_name=dataset_name)
-    trainer.accelerator.print(f"Adapter, projectors and model card saved to {training_args.output_dir}.")
+    size = trainer.projectors_file.stat().st_size / 2**20
+    trainer.accelerator.print(
+        f"Adapter, projectors ({size:.1f} MB, from {trainer.projectors_file}) and model card saved to "
+        f"{training_args.output_dir}."
+    )
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=dataset_name)
         trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")

@@ -51,8 +51,10 @@ class NSPOConfig(GRPOConfig):
             or with full fine-tuning every linear layer except the LM head.
         projectors_path (`str`, *optional*):
             Projector file (or directory); defaults to `output_dir`. If a projector file is there, it is loaded and
-            validated against the model, the null-space rule and (when given) `calibration_dataset`, so a restarted
-            run does not recalibrate; otherwise the projectors are computed and saved there before training starts.
+            validated against the model (config and every base weight), the null-space rule and, when given,
+            `calibration_dataset` (settings, rows, chat template, prompt tokens), so a restarted run does not
+            recalibrate; without `calibration_dataset` it is used as it was made. Otherwise the projectors are
+            computed and saved there before training starts. Checkpoints reference this file instead of copying it.
         preservation_sketch_dim (`int`, *optional*, defaults to `64`):
             Columns of the random sketch of each layer's calibration inputs used to log the preservation error
             ‖ΔW·K‖ / ‖W·K‖. `0` disables the metric.

@@ -9,22 +9,34 @@ from datasets import Dataset
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
-from transformers.trainer_utils import sort_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 from trl import GRPOConfig, GRPOTrainer
 
 from .calibration import (
-    base_weight_fingerprints,
-    calibration_source_fingerprint,
+    calibration_record,
     compute_projectors,
     constrained_input_dim,
     find_constrained_modules,
+    model_fingerprint,
     requires_grad_kept,
 )
 from .constraint import NullSpaceConstraint, UnsupportedSetupError, check_peft_config, check_peft_model
 from .model_card import render_model_card
 from .nspo_config import NSPOConfig
 from .null_space import NullSpaceError
-from .projectors import NullSpaceProjectors, ProjectorFileError
+from .projectors import (
+    PROJECTORS_FILE_NAME,
+    PROJECTORS_REFERENCE_NAME,
+    ModelFingerprint,
+    NullSpaceProjectors,
+    ProjectorFileError,
+    copy_projectors_file,
+    existing_projectors_file,
+    file_sha256,
+    projectors_file_path,
+    read_projectors_reference,
+    write_projectors_reference,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +112,7 @@ class NSPOTrainer(GRPOTrainer):
             messages = check_peft_model(model, args.allow_unconstrained_parameters)
         for message in messages:
             warnings.warn(message, stacklevel=2)
-        if calibration_dataset is None and _existing_projectors_file(args.projectors_path or args.output_dir) is None:
+        if calibration_dataset is None and existing_projectors_file(args.projectors_path or args.output_dir) is None:
             raise ValueError(
                 "NSPOTrainer needs general-task data to preserve: pass `calibration_dataset=` (a Dataset with a "
                 "'prompt', 'messages' or 'text' column), or set `projectors_path` to a saved projector file."
@@ -110,10 +122,43 @@ class NSPOTrainer(GRPOTrainer):
 
         if self.is_deepspeed_enabled or self.is_fsdp_enabled or _has_sharded_parameters(self.model):
             raise UnsupportedSetupError(_ENGINE_MESSAGE)
-        self.projectors = self._load_or_compute_projectors(calibration_dataset)
+        # Hashed once per run (O(model bytes)), when a projector file has to be checked against this model.
+        self._model_fingerprint: ModelFingerprint | None = None
+        location = args.projectors_path or args.output_dir
+        self.projectors_file = existing_projectors_file(location)
+        if self.projectors_file is not None:
+            self.projectors = self._validated(
+                NullSpaceProjectors.load(self.projectors_file), str(self.projectors_file), calibration_dataset
+            )
+            logger.info("Reusing NSPO projectors from %s.", self.projectors_file)
+        else:
+            self.projectors = compute_projectors(
+                self.model,
+                self.processing_class,
+                calibration_dataset,
+                settings=args.calibration_settings(),
+                rule=args.null_space_rule_config(),
+                target_modules=args.nspo_target_modules,
+            )
+            self._model_fingerprint = self.projectors.model_fingerprint
         self.constraint = NullSpaceConstraint(self.model, self.projectors, args.nspo_target_modules)
-        self.constraint.check_ranks()
+        try:
+            self.constraint.check_ranks()
+        except NullSpaceError as error:
+            if self.projectors_file is None:
+                raise
+            # The advised rule or threshold change cannot act on null spaces read from a file: say so now.
+            raise NullSpaceError(
+                f"{error} These null spaces were read from {self.projectors_file}: a new rule or threshold needs it "
+                "recalibrated (delete it, or run `trl-nspo calibrate` again with the new setting)."
+            ) from error
         self._check_unconstrained_parameters()
+        if self.projectors_file is None:
+            # Saved only once every check passed: a refused run must not leave a file that would then refuse the
+            # change its error message advises (another rule, threshold or rank).
+            self.projectors_file = self._save_new_projectors(location)
+        # Checkpoints reference the run's file by this content hash instead of holding a copy.
+        self._projectors_sha256 = file_sha256(self.projectors_file)
         if not args.gradient_projection_only:
             self.constraint.project_parameters()
             self.add_callback(_ReprojectAfterOptimizerStep(self))
@@ -124,52 +169,35 @@ class NSPOTrainer(GRPOTrainer):
         }
         logger.info("NSPO null spaces:\n%s", self.projectors.summary())
 
-    def _load_or_compute_projectors(self, calibration_dataset: Dataset | None) -> NullSpaceProjectors:
-        """
-        Reuses the projector file at `projectors_path` (default: the output directory) when it matches this run, so
-        a restarted run does not recalibrate; otherwise calibrates and writes the file before training starts.
-        """
-        location = self.args.projectors_path or self.args.output_dir
-        projectors_file = _existing_projectors_file(location)
-        settings = self.args.calibration_settings()
-        if projectors_file is not None:
-            projectors = self._validated(NullSpaceProjectors.load(projectors_file), str(projectors_file))
-            recorded_source = projectors.calibration.get("source_fingerprint")
-            if calibration_dataset is not None and recorded_source != calibration_source_fingerprint(
-                calibration_dataset, settings
-            ):
-                raise ProjectorFileError(
-                    f"{projectors_file} was computed from other calibration data or settings than this run's. Delete "
-                    "it to recalibrate, or set `projectors_path` to another location."
-                )
-            logger.info("Reusing NSPO projectors from %s.", projectors_file)
-            return projectors
-        projectors = compute_projectors(
-            self.model,
-            self.processing_class,
-            calibration_dataset,
-            settings=settings,
-            rule=self.args.null_space_rule_config(),
-            target_modules=self.args.nspo_target_modules,
-        )
+    def _save_new_projectors(self, location: str) -> Path:
+        """Writes the run's projector file (on the main process) and logs its size; returns its path on every rank."""
+        path = projectors_file_path(location)
         if self.accelerator.is_main_process:
-            projectors.save(location)
+            self.projectors.save(path)
+            logger.info("Saved NSPO projectors (%.1f MB) to %s.", path.stat().st_size / 2**20, path)
         self.accelerator.wait_for_everyone()
-        return projectors
+        return path
 
-    def _validated(self, projectors: NullSpaceProjectors, source: str) -> NullSpaceProjectors:
+    def _validated(
+        self, projectors: NullSpaceProjectors, source: str, calibration_dataset: Dataset | None = None
+    ) -> NullSpaceProjectors:
         """
-        The part of `projectors` this run constrains; raises unless they belong to this model, cover these
-        constrained modules and were selected with this run's null-space rule.
+        The part of `projectors` this run constrains; raises unless they belong to this model (config and every base
+        weight), cover these constrained modules, were selected with this run's null-space rule and, when
+        `calibration_dataset` is given, were calibrated on it with this run's settings. Without calibration data the
+        file's own record of its data stands: a file given on purpose is used as it was made.
         """
         modules = find_constrained_modules(self.model, self.args.nspo_target_modules)
         input_dims = {name: constrained_input_dim(module) for name, module in modules.items()}
-        projectors.check_matches(input_dims, base_weight_fingerprints(modules), source)
-        if projectors.rule != self.args.null_space_rule_config():
-            raise ProjectorFileError(
-                f"The projectors in {source} were selected with {projectors.rule}, but this run asks for "
-                f"{self.args.null_space_rule_config()}. Delete the file to recompute, or set the rule back."
+        if self._model_fingerprint is None:
+            self._model_fingerprint = model_fingerprint(self.model)
+        projectors.check_matches(input_dims, self._model_fingerprint, source)
+        projectors.check_rule(self.args.null_space_rule_config(), source)
+        if calibration_dataset is not None:
+            expected = calibration_record(
+                self.model, self.processing_class, calibration_dataset, self.args.calibration_settings()
             )
+            projectors.check_calibration(expected, source)
         return projectors.restricted_to(list(modules))
 
     def _check_unconstrained_parameters(self) -> None:
@@ -246,18 +274,30 @@ class NSPOTrainer(GRPOTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # A checkpoint is only a valid resume point for the null spaces it was trained in.
-        checkpoint_file = _existing_projectors_file(resume_from_checkpoint)
-        if checkpoint_file is None:
+        reference = read_projectors_reference(resume_from_checkpoint)
+        checkpoint_file = existing_projectors_file(resume_from_checkpoint)
+        if reference is not None:
+            if reference["sha256"] != self._projectors_sha256:
+                raise ProjectorFileError(
+                    f"Checkpoint {resume_from_checkpoint} was trained with the projector file {reference['path']} "
+                    f"(SHA-256 {reference['sha256'][:12]}…), but this run uses {self.projectors_file} (SHA-256 "
+                    f"{self._projectors_sha256[:12]}…): other null spaces or another calibration. Resume with "
+                    "`projectors_path` set to the checkpoint's projector file."
+                )
+        elif checkpoint_file is not None:
+            # A checkpoint holding its own copy (written by trl-nspo before checkpoints referenced the run's file).
+            saved = self._validated(NullSpaceProjectors.load(checkpoint_file), str(checkpoint_file))
+            if not saved.same_bases(self.projectors):
+                raise ProjectorFileError(
+                    f"Checkpoint {resume_from_checkpoint} was trained with other null spaces than this run computed "
+                    f"(calibration tokens {saved.calibration.get('data_fingerprint', '?')[:12]}…). Resume with the "
+                    "run's original calibration data and settings, or set `projectors_path` to the checkpoint."
+                )
+        else:
             raise ProjectorFileError(
-                f"Checkpoint {resume_from_checkpoint} has no NSPO projector file, so it cannot be shown to belong to "
-                "this constrained run. Resume from a checkpoint written by NSPOTrainer."
-            )
-        saved = self._validated(NullSpaceProjectors.load(checkpoint_file), str(checkpoint_file))
-        if not saved.same_bases(self.projectors):
-            raise ProjectorFileError(
-                f"Checkpoint {resume_from_checkpoint} was trained with other null spaces than this run computed "
-                f"(calibration {saved.calibration.get('source_fingerprint', '?')[:12]}…). Resume with the run's "
-                "original calibration data and settings, or set `projectors_path` to the checkpoint."
+                f"Checkpoint {resume_from_checkpoint} has no NSPO projector file or reference "
+                f"({PROJECTORS_REFERENCE_NAME}), so it cannot be shown to belong to this constrained run. Resume from "
+                "a checkpoint written by NSPOTrainer."
             )
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         # A checkpoint NSPOTrainer wrote is in the null space up to float32 rounding; leaving it as it is keeps the
@@ -313,19 +353,32 @@ class NSPOTrainer(GRPOTrainer):
         card.save(os.path.join(self.args.output_dir, "README.md"))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Saves the model (adapter) as [`~trl.GRPOTrainer`] does, and the projector file beside it."""
+        """
+        Saves the model (adapter) as [`~trl.GRPOTrainer`] does, with the projectors: a checkpoint gets a small
+        reference to the run's projector file (path and content hash, checked on resume); any other folder gets the
+        file itself, so it is self-contained and can be pushed or loaded elsewhere.
+        """
         super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            self.projectors.save(output_dir or self.args.output_dir)
-
-
-def _existing_projectors_file(projectors_path: str | None) -> Path | None:
-    if projectors_path is None:
-        return None
-    path = Path(projectors_path)
-    if path.is_dir():
-        path = path / "nspo_projectors.safetensors"
-    return path if path.is_file() else None
+        if not self.args.should_save:
+            return
+        directory = Path(output_dir or self.args.output_dir)
+        if directory.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-"):
+            write_projectors_reference(directory, self.projectors_file, self._projectors_sha256)
+            return
+        target = directory / PROJECTORS_FILE_NAME
+        if file_sha256(self.projectors_file) != self._projectors_sha256:
+            warnings.warn(
+                f"{self.projectors_file} changed since this run loaded it; saving the projectors this run trained "
+                f"with to {target} instead.",
+                stacklevel=2,
+            )
+            self.projectors.save(target)
+        elif target.is_file() and target.samefile(self.projectors_file):
+            return  # the run's own file is already there (projectors_path defaults to output_dir)
+        else:
+            # A copy (a hard link where possible), not a reference: a final folder is pushed or moved on its own.
+            copy_projectors_file(self.projectors_file, directory)
+        logger.info("NSPO projector file (%.1f MB) saved to %s.", target.stat().st_size / 2**20, target)
 
 
 def _last_complete_checkpoint(output_dir: str) -> str:

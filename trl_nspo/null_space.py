@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -55,6 +55,19 @@ class NullSpaceRule:
             raise NullSpaceError(f"energy must be in (0, 1), got {self.energy}. Typical values are 1e-5 to 1e-3.")
         if self.max_null_dim is not None and self.max_null_dim < 1:
             raise NullSpaceError(f"max_null_dim must be a positive integer or None, got {self.max_null_dim}.")
+
+    def selection_differences(self, other: NullSpaceRule) -> list[tuple[str, Any, Any]]:
+        """
+        The settings in which `other` selects differently from this rule, as `(field, this value, other value)`;
+        empty when both select the same null spaces from any eigenvalues (a field neither rule uses may differ).
+        """
+        used = {"rule", "max_null_dim", "alpha" if self.rule == "relative" else "energy"}
+        used.add("alpha" if other.rule == "relative" else "energy")
+        return [
+            (name, getattr(self, name), getattr(other, name))
+            for name in ("rule", "alpha", "energy", "max_null_dim")
+            if name in used and getattr(self, name) != getattr(other, name)
+        ]
 
     def null_dimension(self, eigenvalues: torch.Tensor) -> int:
         """
@@ -193,12 +206,16 @@ def null_space_from_covariance(covariance: torch.Tensor, rule: NullSpaceRule) ->
     Returns:
         [`NullSpaceBasis`]: the stored basis, in float32.
     """
-    if not torch.isfinite(covariance).all():
-        raise NullSpaceError("The covariance has non-finite entries; calibrate in float32 instead of float16.")
-    symmetric = 0.5 * (covariance + covariance.T)
-    eigenvalues, eigenvectors = torch.linalg.eigh(symmetric)
+    eigenvalues, eigenvectors = decompose_covariance(covariance)
     null_dim = rule.null_dimension(eigenvalues)
     return NullSpaceBasis.from_eigh(eigenvalues, eigenvectors, null_dim).to(dtype=torch.float32)
+
+
+def decompose_covariance(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric covariance, refusing non-finite entries."""
+    if not torch.isfinite(covariance).all():
+        raise NullSpaceError("The covariance has non-finite entries; calibrate in float32 instead of float16.")
+    return torch.linalg.eigh(0.5 * (covariance + covariance.T))
 
 
 def relative_output_change(delta_outputs: torch.Tensor, base_outputs: torch.Tensor) -> float:

@@ -1,15 +1,21 @@
 """The set of null-space projectors of one model, and its safetensors file format.
 
-One file holds every stored basis (`<group>.basis` tensors) and, in the safetensors header, a JSON document with the
-format version, the selection rule, the calibration settings, the token count, which modules share each basis, and
-fingerprints of the base weights and of the calibration tokens. Loading uses safetensors only (no pickle) and is
-validated against the model before any training step.
+One file holds every stored basis (`<group>.basis` tensors), the eigenvalues it was selected from
+(`<group>.eigenvalues`) and, in the safetensors header, a JSON document with the format version, the selection rule,
+the calibration settings and counts, which modules share each basis, a fingerprint of the whole base model (its config
+and a hash of every base parameter and buffer) and fingerprints of the calibration rows, chat template and tokens.
+Loading uses safetensors only (no pickle) and is validated against the model before any training step.
+
+Checkpoints do not copy the file: they hold a small JSON reference (`nspo_projectors.json`) with its path and the
+SHA-256 of its content, which resuming checks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,9 +27,64 @@ from safetensors.torch import save_file
 
 from .null_space import NullSpaceBasis, NullSpaceError, NullSpaceRule
 
-PROJECTOR_FORMAT_VERSION = 1
+# Version 2 added the whole-model fingerprint, the eigenvalues and the calibration rows/template/prompt fingerprints.
+PROJECTOR_FORMAT_VERSION = 2
+# Version 1 files are still read (to inspect them), but never match a model: they lack what proves they belong to it.
+READABLE_FORMAT_VERSIONS = (1, 2)
 PROJECTORS_FILE_NAME = "nspo_projectors.safetensors"
+PROJECTORS_REFERENCE_NAME = "nspo_projectors.json"
 _METADATA_KEY = "nspo"
+
+# What each recorded calibration field is called in `NSPOConfig` / on the command line, in the order they are checked.
+_CALIBRATION_FIELDS = {
+    "num_samples": "calibration_num_samples",
+    "max_length": "calibration_max_length",
+    "generate_completions": "calibration_generate_completions",
+    "completion_length": "calibration_completion_length",
+    "rows_fingerprint": "calibration dataset rows (fingerprint)",
+    "chat_template_fingerprint": "tokenizer chat template (fingerprint)",
+    "prompt_fingerprint": "calibration prompt tokens (fingerprint)",
+    "completion_fingerprint": "generation config and stop tokens of the calibration completions (fingerprint)",
+}
+
+
+@dataclass
+class ModelFingerprint:
+    """
+    What the layer inputs of a model depend on, besides the calibration data: its config and all its base weights.
+
+    Args:
+        config (`dict[str, Any]`):
+            The model config as JSON, without the fields that cannot change outputs (name, versions, `use_cache`, …).
+        tensors (`dict[str, str]`):
+            SHA-256 (first 16 hex digits) of the bytes, shape and dtype of every base parameter and buffer, by
+            canonical name (adapters excluded). Any of them can change a constrained layer's inputs: embeddings,
+            norms, earlier layers, the rotary frequencies, and the LM head through the calibration completions.
+    """
+
+    config: dict[str, Any]
+    tensors: dict[str, str]
+
+    def differences(self, current: ModelFingerprint) -> list[str]:
+        """What differs from `current`, each as `"what: value in the file, value in this run"`."""
+        found = [
+            f"config `{key}`: {self.config.get(key, '(absent)')!r} in the file, "
+            f"{current.config.get(key, '(absent)')!r} in this run"
+            for key in sorted(self.config.keys() | current.config.keys())
+            if self.config.get(key) != current.config.get(key)
+        ]
+        changed = [
+            name for name in self.tensors if name in current.tensors and self.tensors[name] != current.tensors[name]
+        ]
+        if changed:
+            found.append(f"weights of {_abbreviate(changed)}")
+        only_file = [name for name in self.tensors if name not in current.tensors]
+        if only_file:
+            found.append(f"weights only in the file's model: {_abbreviate(only_file)}")
+        only_run = [name for name in current.tensors if name not in self.tensors]
+        if only_run:
+            found.append(f"weights only in this run's model: {_abbreviate(only_run)}")
+        return found
 
 
 @dataclass
@@ -40,12 +101,16 @@ class ProjectorGroup:
             Calibration tokens that went into the covariance.
         input_sketch (`torch.Tensor`, *optional*):
             Gaussian sketch K·S (d × m) of the calibration inputs, for measuring ‖dW·K‖ / ‖W·K‖ during training.
+        eigenvalues (`torch.Tensor`, *optional*):
+            The covariance's eigenvalues (ascending, float64) the basis was selected from, so another rule can be
+            checked against the file without recalibrating (d numbers: the d × d eigenvectors would be too large).
     """
 
     module_names: list[str]
     basis: NullSpaceBasis
     token_count: int
     input_sketch: torch.Tensor | None = None
+    eigenvalues: torch.Tensor | None = None
 
 
 @dataclass
@@ -58,15 +123,15 @@ class NullSpaceProjectors:
             Groups keyed by their first module name.
         rule ([`NullSpaceRule`]):
             The rule that selected the null spaces.
-        base_weight_fingerprints (`dict[str, str]`):
-            Fingerprint of each constrained module's base weight at calibration time.
+        model_fingerprint ([`ModelFingerprint`], *optional*):
+            The calibrated model's config and base weights; `None` only in files of format version 1.
         calibration (`dict[str, Any]`):
-            Calibration settings and statistics (samples, max length, completions, token count, data fingerprint).
+            Calibration settings, statistics and fingerprints (rows, chat template, prompt tokens, all tokens).
     """
 
     groups: dict[str, ProjectorGroup]
     rule: NullSpaceRule
-    base_weight_fingerprints: dict[str, str]
+    model_fingerprint: ModelFingerprint | None
     calibration: dict[str, Any] = field(default_factory=dict)
 
     def basis_by_module(self) -> dict[str, NullSpaceBasis]:
@@ -80,20 +145,29 @@ class NullSpaceProjectors:
     def num_bytes(self) -> int:
         return sum(group.basis.num_bytes for group in self.groups.values())
 
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of every tensor a saved file holds (bases, sketches, eigenvalues): about the file's size."""
+        return sum(tensor.numel() * tensor.element_size() for tensor in self._tensors().values())
+
     def summary(self) -> str:
-        """A table of the null dimension of every constrained module, for logs and model cards."""
+        """A table of the null dimension of every constrained module and the stored size, for logs and model cards."""
         lines = [f"{'module':<60} {'null dim':>9} / {'input dim':<9} tokens"]
         for group in self.groups.values():
             for name in group.module_names:
                 basis = group.basis
                 lines.append(f"{name:<60} {basis.null_dim:>9} / {basis.input_dim:<9} {group.token_count}")
+        lines.append(
+            f"Projector file size: {self.stored_bytes / 2**20:.1f} MB ({self.num_bytes / 2**20:.1f} MB of bases, "
+            f"the rest preservation-metric sketches and eigenvalues)."
+        )
         return "\n".join(lines)
 
     def metadata(self) -> dict[str, Any]:
         return {
             "format_version": PROJECTOR_FORMAT_VERSION,
             "rule": asdict(self.rule),
-            "base_weight_fingerprints": self.base_weight_fingerprints,
+            "model_fingerprint": None if self.model_fingerprint is None else asdict(self.model_fingerprint),
             "calibration": self.calibration,
             "groups": {
                 key: {
@@ -118,24 +192,25 @@ class NullSpaceProjectors:
         Returns:
             `Path`: the file written.
         """
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path / PROJECTORS_FILE_NAME
+        path = projectors_file_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(
+            path,
+            lambda temporary: save_file(
+                self._tensors(), temporary, metadata={_METADATA_KEY: json.dumps(self.metadata())}
+            ),
+        )
+        return path
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
         for key, group in self.groups.items():
             tensors[f"{key}.basis"] = group.basis.basis.detach().float().cpu().contiguous()
             if group.input_sketch is not None:
                 tensors[f"{key}.input_sketch"] = group.input_sketch.detach().float().cpu().contiguous()
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(descriptor)
-        try:
-            save_file(tensors, temporary, metadata={_METADATA_KEY: json.dumps(self.metadata())})
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-        return path
+            if group.eigenvalues is not None:
+                tensors[f"{key}.eigenvalues"] = group.eigenvalues.detach().double().cpu().contiguous()
+        return tensors
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> NullSpaceProjectors:
@@ -164,10 +239,10 @@ class NullSpaceProjectors:
             raise ProjectorFileError(f"{path} is a safetensors file but holds no NSPO projector metadata.")
         metadata = json.loads(header[_METADATA_KEY])
         version = metadata.get("format_version")
-        if version != PROJECTOR_FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise ProjectorFileError(
-                f"{path} has projector format version {version}; this trl-nspo reads version "
-                f"{PROJECTOR_FORMAT_VERSION}. Recompute the projectors with this version."
+                f"{path} has projector format version {version}; this trl-nspo reads versions "
+                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}. Recompute the projectors with this version."
             )
         groups = {}
         for key, entry in metadata["groups"].items():
@@ -181,11 +256,13 @@ class NullSpaceProjectors:
                     f"recorded input dimension {entry['input_dim']} and null dimension {entry['null_dim']}."
                 )
             sketch = tensors.get(f"{key}.input_sketch")
-            groups[key] = ProjectorGroup(entry["module_names"], basis, entry["token_count"], sketch)
+            eigenvalues = tensors.get(f"{key}.eigenvalues")
+            groups[key] = ProjectorGroup(entry["module_names"], basis, entry["token_count"], sketch, eigenvalues)
+        fingerprint = metadata.get("model_fingerprint")
         return cls(
             groups=groups,
             rule=NullSpaceRule(**metadata["rule"]),
-            base_weight_fingerprints=metadata["base_weight_fingerprints"],
+            model_fingerprint=None if fingerprint is None else ModelFingerprint(**fingerprint),
             calibration=metadata["calibration"],
         )
 
@@ -203,19 +280,27 @@ class NullSpaceProjectors:
                 return False
         return True
 
-    def check_matches(self, input_dims: dict[str, int], base_weight_fingerprints: dict[str, str], source: str) -> None:
+    def check_matches(self, input_dims: dict[str, int], model_fingerprint: ModelFingerprint, source: str) -> None:
         """
-        Raises [`ProjectorFileError`] unless these projectors cover these modules, with these input sizes and base
-        weights. Projectors computed for more modules are fine (see [`NullSpaceProjectors.restricted_to`]).
+        Raises [`ProjectorFileError`] unless these projectors cover these modules, with these input sizes, and were
+        computed on this model: same config and same base weights, every one of them (a changed embedding, norm or
+        earlier layer changes a constrained layer's inputs as surely as its own weight does). Projectors computed for
+        more modules are fine (see [`NullSpaceProjectors.restricted_to`]).
 
         Args:
             input_dims (`dict[str, int]`):
                 Input dimension of every module the trainer will constrain, by canonical name.
-            base_weight_fingerprints (`dict[str, str]`):
-                Fingerprint of those modules' current base weights.
+            model_fingerprint ([`ModelFingerprint`]):
+                Fingerprint of the model being trained.
             source (`str`):
                 Where the projectors came from, for the error message.
         """
+        if self.model_fingerprint is None:
+            raise ProjectorFileError(
+                f"{source} has projector format version 1, which records a fingerprint of neither the whole model "
+                "(config, embeddings, norms, every layer) nor the calibration prompts' tokens, so it cannot be shown "
+                "to belong to this model. Delete it to recalibrate (or run `trl-nspo calibrate` again)."
+            )
         recorded = self.null_dims()
         missing = [name for name in input_dims if name not in recorded]
         if missing:
@@ -232,14 +317,74 @@ class NullSpaceProjectors:
             raise ProjectorFileError(
                 f"The projectors in {source} have the wrong input dimension for {_abbreviate(wrong_shape)}."
             )
-        other_weights = [
-            name for name in input_dims if self.base_weight_fingerprints.get(name) != base_weight_fingerprints[name]
-        ]
-        if other_weights:
+        differences = self.model_fingerprint.differences(model_fingerprint)
+        if differences:
             raise ProjectorFileError(
-                f"The projectors in {source} were computed on different base weights for "
-                f"{_abbreviate(other_weights)}. They would not preserve this model's outputs: recompute them for this "
-                "model."
+                f"The projectors in {source} were computed on a different model: {'; '.join(differences)}. They "
+                "would not preserve this model's outputs. Delete the file to recalibrate, or set `projectors_path` "
+                "to another location."
+            )
+
+    def check_rule(self, rule: NullSpaceRule, source: str) -> None:
+        """
+        Raises [`ProjectorFileError`] unless `rule` selects the null spaces stored here. Settings the two rules do not
+        use are ignored, and with the stored eigenvalues a different rule that selects the same null dimension in
+        every group is accepted (it would recompute exactly these bases).
+
+        Args:
+            rule ([`NullSpaceRule`]):
+                The rule this run asks for.
+            source (`str`):
+                Where the projectors came from, for the error message.
+        """
+        differences = self.rule.selection_differences(rule)
+        if not differences:
+            return
+        detail = ""
+        if all(group.eigenvalues is not None for group in self.groups.values()):
+            changed = [
+                f"{key} ({group.basis.null_dim} → {rule.null_dimension(group.eigenvalues)})"
+                for key, group in self.groups.items()
+                if rule.null_dimension(group.eigenvalues) != group.basis.null_dim
+            ]
+            if not changed:
+                return
+            detail = f" On the stored eigenvalues it selects other null dimensions for {_abbreviate(changed)}."
+        described = "; ".join(
+            f"null_space_{'max_dim' if name == 'max_null_dim' else name}: {recorded!r} in the file, {wanted!r} in "
+            "this run"
+            for name, recorded, wanted in differences
+        )
+        raise ProjectorFileError(
+            f"The projectors in {source} were selected with another null-space rule than this run asks for: "
+            f"{described}.{detail} Delete the file (or set `projectors_path` elsewhere) to recalibrate with this "
+            "run's rule, or set the `null_space_*` options back to the file's."
+        )
+
+    def check_calibration(self, expected: dict[str, Any], source: str) -> None:
+        """
+        Raises [`ProjectorFileError`] unless these projectors were calibrated as `expected` says: same settings,
+        dataset rows, chat template and prompt tokens (what reaches the layers, given the same model).
+
+        Args:
+            expected (`dict[str, Any]`):
+                This run's calibration record, from [`~calibration.calibration_record`].
+            source (`str`):
+                Where the projectors came from, for the error message.
+        """
+        uses_completions = expected.get("generate_completions") or self.calibration.get("generate_completions")
+        differences = [
+            f"{label}: {self.calibration.get(key, '(not recorded)')!r} in the file, {expected[key]!r} in this run"
+            for key, label in _CALIBRATION_FIELDS.items()
+            if key in expected
+            and self.calibration.get(key) != expected[key]
+            and (key not in ("completion_length", "completion_fingerprint") or uses_completions)
+        ]
+        if differences:
+            raise ProjectorFileError(
+                f"The projectors in {source} were computed from other calibration data or settings than this run's: "
+                f"{'; '.join(differences)}. Delete the file to recalibrate, set `projectors_path` to another "
+                "location, or run without `calibration_dataset` to use the file as it was made."
             )
 
     def restricted_to(self, module_names: list[str]) -> NullSpaceProjectors:
@@ -249,12 +394,11 @@ class NullSpaceProjectors:
         for group in self.groups.values():
             kept = [name for name in group.module_names if name in wanted]
             if kept:
-                groups[kept[0]] = ProjectorGroup(kept, group.basis, group.token_count, group.input_sketch)
+                groups[kept[0]] = ProjectorGroup(
+                    kept, group.basis, group.token_count, group.input_sketch, group.eigenvalues
+                )
         return NullSpaceProjectors(
-            groups=groups,
-            rule=self.rule,
-            base_weight_fingerprints={name: self.base_weight_fingerprints[name] for name in module_names},
-            calibration=self.calibration,
+            groups=groups, rule=self.rule, model_fingerprint=self.model_fingerprint, calibration=self.calibration
         )
 
 
@@ -267,3 +411,90 @@ def _abbreviate(names: list[str], limit: int = 6) -> str:
         return "none"
     shown = ", ".join(names[:limit])
     return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+def projectors_file_path(path: str | os.PathLike) -> Path:
+    """Where projectors saved to `path` go: `path` itself if it names a `.safetensors` file, else a file inside it."""
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path / PROJECTORS_FILE_NAME
+
+
+def copy_projectors_file(source: Path, directory: str | os.PathLike) -> Path:
+    """
+    Puts the projector file `source` into `directory` atomically, as a hard link where the file system allows (no
+    second copy of the bytes; safe because projector files are only ever replaced by a rename, never edited in place),
+    else as a copy.
+
+    Returns:
+        `Path`: the file in `directory`.
+    """
+    target = Path(directory) / PROJECTORS_FILE_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def link_or_copy(temporary: str) -> None:
+        os.remove(temporary)
+        try:
+            os.link(source, temporary)
+        except OSError:
+            shutil.copyfile(source, temporary)
+
+    _write_atomically(target, link_or_copy)
+    return target
+
+
+def existing_projectors_file(path: str | os.PathLike | None) -> Path | None:
+    """The projector file at `path` (a `.safetensors` file, or a directory holding one), or `None` if there is none."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        path = path / PROJECTORS_FILE_NAME
+    return path if path.is_file() else None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's content, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_projectors_reference(directory: str | os.PathLike, projectors_file: Path, sha256: str) -> Path:
+    """
+    Writes `nspo_projectors.json` into `directory` (a checkpoint): the projector file's absolute path, its content's
+    SHA-256 and its size, so the checkpoint names the null spaces it was trained in without a copy of them.
+    """
+    path = Path(directory) / PROJECTORS_REFERENCE_NAME
+    reference = {
+        "path": str(projectors_file.resolve()),
+        "sha256": sha256,
+        "size_bytes": projectors_file.stat().st_size,
+    }
+    _write_atomically(path, lambda temporary: Path(temporary).write_text(json.dumps(reference, indent=2) + "\n"))
+    return path
+
+
+def read_projectors_reference(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The reference [`write_projectors_reference`] wrote into `directory`, or `None` if there is none."""
+    path = Path(directory) / PROJECTORS_REFERENCE_NAME
+    if not path.is_file():
+        return None
+    try:
+        reference = json.loads(path.read_text())
+        return {"path": str(reference["path"]), "sha256": str(reference["sha256"])}
+    except (ValueError, KeyError, TypeError) as error:
+        raise ProjectorFileError(f"{path} is not a readable projector reference ({error}).") from error
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Calls `write(temporary)` and renames the result to `path`: a crash mid-write never leaves a partial `path`."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
