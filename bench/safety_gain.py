@@ -1,7 +1,7 @@
 """Is NSPO as safe as GRPO, without the tax? The safety gain of plain GRPO, NSPO and gradient projection alone, trained
 long enough for GRPO to learn to refuse, over several seeds; and the trade-off front of NSPO's settings.
 
-SmolLM2-135M-Instruct, LoRA r=8 (α=16) on q/k/v/o/gate/up/down, 50 optimizer steps of 1 prompt × 4 completions of ≤ 32
+SmolLM2-135M-Instruct, LoRA r=8 (α=16) on q/k/v/o/gate/up/down, 50 optimizer steps of 1 prompt × 8 completions of ≤ 24
 tokens, the graded refusal reward (`RefusalReward`) on the embedded 60 harmful + 30 benign-but-risky training prompts,
 no KL term, bf16 autocast where the CPU has bf16 instructions (float32 master weights; evaluation in float32). Every
 arm of one seed gets the same seed, data, steps and hyperparameters; what differs is named by the arm:
@@ -64,11 +64,12 @@ class Arm:
 
     key: str
     method: str  # "grpo", "nspo" or "grad_only"
-    learning_rate: float = 5e-4
+    learning_rate: float = 2e-3
     rule: str = "energy"
     energy: float = 1e-3
     alpha: float = 5e-5
-    max_null_dim: int | None = None
+    # NSPOConfig's default cap (projectors ≤ 3% of a 7B model's bf16 weights).
+    max_null_dim: int | None = 128
     lora_r: int = 8
     # Constrained modules (NSPO): None = every LoRA layer; MLP-only leaves attention's LoRA unconstrained, as the
     # original NSPO code did.
@@ -86,7 +87,7 @@ class Arm:
             return f"GRPO lr={self.learning_rate:.0e}" + (f" r={self.lora_r}" if self.lora_r != 8 else "")
         rule = f"α={self.alpha:.0e}" if self.rule == "relative" else f"ε={self.energy:.0e}"
         parts = [("NSPO grad-only" if self.method == "grad_only" else "NSPO"), rule, f"lr={self.learning_rate:.0e}"]
-        if self.max_null_dim is not None:
+        if self.max_null_dim != 128:
             parts.append(f"max {self.max_null_dim}")
         if self.lora_r != 8:
             parts.append(f"r={self.lora_r}")
@@ -100,18 +101,20 @@ MAIN_ARMS = (
     Arm("grpo", "grpo"),
     Arm("nspo", "nspo"),
     Arm("grad_only", "grad_only"),
-    Arm("nspo_lr5e-3", "nspo", learning_rate=5e-3),
+    Arm("nspo_lr2e-2", "nspo", learning_rate=2e-2),
 )
 FRONT_ARMS = (
-    Arm("nspo_lr2e-3", "nspo", learning_rate=2e-3),
-    Arm("nspo_lr2e-2", "nspo", learning_rate=2e-2),
+    Arm("nspo_lr5e-3", "nspo", learning_rate=5e-3),
     Arm("nspo_eps1e-2_lr5e-3", "nspo", learning_rate=5e-3, energy=1e-2),
     Arm("nspo_eps1e-4_lr5e-3", "nspo", learning_rate=5e-3, energy=1e-4),
     Arm("nspo_alpha1e-3_lr5e-3", "nspo", learning_rate=5e-3, rule="relative", alpha=1e-3),
     Arm("nspo_max64_lr5e-3", "nspo", learning_rate=5e-3, max_null_dim=64),
+    Arm("nspo_uncapped_lr5e-3", "nspo", learning_rate=5e-3, max_null_dim=None),
     Arm("nspo_mlp_lr5e-3", "nspo", learning_rate=5e-3, constrained=tuple(MLP_MODULES)),
     Arm("nspo_r16_lr5e-3", "nspo", learning_rate=5e-3, lora_r=16),
     Arm("grpo_lr5e-3", "grpo", learning_rate=5e-3),
+    Arm("grpo_lr5e-4", "grpo", learning_rate=5e-4),
+    Arm("grpo_lr1e-3", "grpo", learning_rate=1e-3),
 )
 ARMS = {arm.key: arm for arm in MAIN_ARMS + FRONT_ARMS}
 
@@ -145,9 +148,9 @@ class SafetyGainArguments:
             Seeds; every arm is trained once per seed.
         max_steps (`int`, *optional*, defaults to `50`):
             Optimizer steps per run.
-        num_generations (`int`, *optional*, defaults to `4`):
+        num_generations (`int`, *optional*, defaults to `8`):
             Completions per prompt (one prompt per step).
-        max_completion_length (`int`, *optional*, defaults to `32`):
+        max_completion_length (`int`, *optional*, defaults to `24`):
             Tokens per sampled completion.
         bf16 (`bool`, *optional*):
             bf16 autocast in training; default: where the CPU (or GPU) supports bf16.
@@ -166,8 +169,8 @@ class SafetyGainArguments:
     report: bool = field(default=False, metadata={"help": "Only report from the runs file."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds."})
     max_steps: int = field(default=50, metadata={"help": "Optimizer steps per run."})
-    num_generations: int = field(default=4, metadata={"help": "Completions per prompt."})
-    max_completion_length: int = field(default=32, metadata={"help": "Tokens per sampled completion."})
+    num_generations: int = field(default=8, metadata={"help": "Completions per prompt."})
+    max_completion_length: int = field(default=24, metadata={"help": "Tokens per sampled completion."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: if supported)."})
     eval_num_samples: int | None = field(default=None, metadata={"help": "Held-out prompts per set."})
     eval_max_new_tokens: int = field(default=24, metadata={"help": "Tokens of each greedy evaluation answer."})

@@ -36,16 +36,19 @@ class NSPOConfig(GRPOConfig):
 
         > Parameters that control the null space
 
-        null_space_rule (`str`, *optional*, defaults to `"relative"`):
-            `"relative"`: eigen-directions with eigenvalue < `null_space_alpha` × the largest (the original NSPO
-            code). `"energy"`: the largest set of smallest eigen-directions holding ≤ `null_space_energy` of the total
-            input energy.
+        null_space_rule (`str`, *optional*, defaults to `"energy"`):
+            `"energy"`: the largest set of smallest eigen-directions holding ≤ `null_space_energy` of the layer's
+            total general-input energy, so what the update may touch is bounded on every layer alike. `"relative"`:
+            eigen-directions with eigenvalue < `null_space_alpha` × the largest (the original NSPO code's rule; on
+            SmolLM2-135M its α = 5e-5 leaves some layers with an empty null space, see BENCHMARKS.md).
         null_space_alpha (`float`, *optional*, defaults to `5e-5`):
             Relative eigenvalue threshold of the `"relative"` rule.
-        null_space_energy (`float`, *optional*, defaults to `1e-4`):
+        null_space_energy (`float`, *optional*, defaults to `1e-3`):
             Discarded energy fraction of the `"energy"` rule.
-        null_space_max_dim (`int`, *optional*):
-            Upper bound on every null dimension.
+        null_space_max_dim (`int`, *optional*, defaults to `128`):
+            Upper bound on every null dimension; the most-null directions are kept. It bounds the projector memory
+            (with 128, at most 2.8% of a 7B model's bf16 weights) and must be at least the LoRA rank. `None` keeps
+            every direction the rule selects.
         nspo_target_modules (`list[str]`, *optional*):
             Modules to constrain (name suffixes, or one full-match regex). `None`: every LoRA-adapted linear layer,
             or with full fine-tuning every linear layer except the LM head.
@@ -97,11 +100,11 @@ class NSPOConfig(GRPOConfig):
         },
     )
     null_space_rule: str = field(
-        default="relative",
+        default="energy",
         metadata={
-            "help": "How to select each null space: 'relative' (eigenvalue < alpha × largest) or 'energy' (smallest "
-            "directions holding ≤ energy of the total).",
-            "choices": ["relative", "energy"],
+            "help": "How to select each null space: 'energy' (smallest directions holding ≤ energy of the total) or "
+            "'relative' (eigenvalue < alpha × largest, the original NSPO code's rule).",
+            "choices": ["energy", "relative"],
         },
     )
     null_space_alpha: float = field(
@@ -109,12 +112,15 @@ class NSPOConfig(GRPOConfig):
         metadata={"help": "Relative eigenvalue threshold of the 'relative' rule."},
     )
     null_space_energy: float = field(
-        default=1e-4,
+        default=1e-3,
         metadata={"help": "Discarded energy fraction of the 'energy' rule."},
     )
     null_space_max_dim: int | None = field(
-        default=None,
-        metadata={"help": "Upper bound on every null dimension."},
+        default=128,
+        metadata={
+            "help": "Upper bound on every null dimension (bounds projector memory; at least the LoRA rank). `None`: "
+            "no bound."
+        },
     )
     nspo_target_modules: list[str] | None = field(
         default=None,
