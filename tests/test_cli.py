@@ -63,7 +63,7 @@ def test_calibrate_refuses_an_unusable_null_space_before_writing_a_file(tiny_mod
         "--use_cpu", "--bf16", "false",
     ]  # fmt: skip
     with pytest.raises(NullSpaceError, match=r"null space of .* empty.*Raise `null_space_alpha`"):
-        main([*arguments, "--null_space_alpha", "1e-12"])
+        main([*arguments, "--null_space_rule", "relative", "--null_space_alpha", "1e-12"])
     assert not (tmp_path / "projectors" / PROJECTORS_FILE_NAME).exists()
     # The advice works: the energy rule, and training on the file is not refused for the old rule.
     main([*arguments, "--null_space_rule", "energy", "--null_space_energy", "0.05"])
@@ -94,7 +94,7 @@ def test_a_calibrated_file_is_used_for_training_without_repeating_how_it_was_mad
             "--calibration_generate_completions", "false",
             "--output_dir", str(projectors),
             "--use_peft", "--lora_target_modules", "q_proj", "v_proj",
-            "--null_space_alpha", "1e-10",
+            "--null_space_rule", "relative", "--null_space_alpha", "1e-10",
             "--use_cpu", "--bf16", "false",
         ]
     )  # fmt: skip
@@ -177,7 +177,7 @@ def test_train_runs_the_grpo_script_with_the_constraint(tiny_model_dir, general_
             "--output_dir", str(output),
             "--use_peft", "--lora_r", "2", "--lora_target_modules", "q_proj", "down_proj",
             "--calibration_generate_completions", "false",
-            "--null_space_alpha", "1e-9",
+            "--null_space_rule", "relative", "--null_space_alpha", "1e-9",
             "--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "2",
             "--max_completion_length", "4", "--report_to", "none", "--save_strategy", "no",
             "--use_cpu", "--bf16", "false", "--gradient_checkpointing", "false",

@@ -168,7 +168,7 @@ class TestProjectorFiles:
         [
             ({"null_space_alpha": 0.5}, CALIBRATION, r"null_space_alpha: 1e-10 in the file, 0\.5 in this run"),
             ({"null_space_rule": "energy"}, CALIBRATION, r"null_space_rule: 'relative' in the file, 'energy' in this"),
-            ({"null_space_max_dim": 8}, CALIBRATION, r"null_space_max_dim: None in the file, 8 in this run"),
+            ({"null_space_max_dim": 8}, CALIBRATION, r"null_space_max_dim: 128 in the file, 8 in this run"),
             ({}, OTHER_CALIBRATION, r"calibration dataset rows \(fingerprint\): '[0-9a-f]+' in the file"),
             ({"calibration_num_samples": 1}, CALIBRATION, "calibration_num_samples: 1024 in the file, 1 in this run"),
             ({"calibration_max_length": 8}, CALIBRATION, "calibration_max_length: 256 in the file, 8 in this run"),
