@@ -108,7 +108,7 @@ class ScaleArguments:
     output: str | None = None
     null_fractions: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5])
     ranks: list[int] = field(default_factory=lambda: [8, 16, 64])
-    max_null_dim: int = 256
+    max_null_dim: int = 128
     quick: bool = False
 
 
@@ -288,7 +288,9 @@ if __name__ == "__main__":
     parser.add_argument("--output", help="JSON file of the results (default bench/results/scale_on_paper.json).")
     parser.add_argument("--null_fractions", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
-    parser.add_argument("--max_null_dim", type=int, default=256, help="Cap of the capped-memory column.")
+    parser.add_argument(
+        "--max_null_dim", type=int, default=128, help="Cap of the capped-memory column (NSPOConfig's default)."
+    )
     parser.add_argument(
         "--quick", action="store_true", help="Same computation (it takes a second); writes scale_on_paper_quick.json."
     )
