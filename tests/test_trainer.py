@@ -540,6 +540,27 @@ class TestRefusals:
                 calibration_max_length=200,
             )
 
+    def test_default_rule_leaves_room_where_the_original_rule_leaves_none(self, tiny_model_dir, tmp_path):
+        # 200 distinct tokens: every input direction of the tiny model carries general energy, so a relative rule
+        # empties the null spaces, as the original code's α = 5e-5 (the old default) did on 23 of SmolLM2-135M's 120
+        # layer inputs (BENCHMARKS.md).
+        calibration = Dataset.from_dict({"text": [" ".join(f"w{i}" for i in range(200))]})
+        spanning = dict(calibration=calibration, calibration_max_length=200, peft_config=lora(r=8))
+        with pytest.raises(NullSpaceError, match="null space of .* empty"):
+            build_nspo(tiny_model_dir, tmp_path, null_space_alpha=EXACT_KERNEL_ALPHA, **spanning)
+        defaults = NSPOConfig(output_dir=str(tmp_path / "defaults"), use_cpu=True, bf16=False)
+        rule_settings = {name: getattr(defaults, name) for name in vars(defaults) if name.startswith("null_space_")}
+        assert rule_settings == {
+            "null_space_rule": "energy",
+            "null_space_alpha": 5e-5,
+            "null_space_energy": 1e-3,
+            "null_space_max_dim": 128,
+        }
+        trainer = build_nspo(tiny_model_dir, tmp_path / "default-rule", **spanning, **rule_settings)
+        null_dims = [null_dim for null_dim, _ in trainer.projectors.null_dims().values()]
+        assert min(null_dims) >= 8
+        assert max(null_dims) <= 128
+
     def test_refused_run_leaves_no_file_so_the_advised_change_works(self, tiny_model_dir, tmp_path):
         calibration = Dataset.from_dict({"text": [" ".join(f"w{i}" for i in range(200))]})
         empty = dict(calibration=calibration, null_space_alpha=1e-12, calibration_max_length=200)
