@@ -187,10 +187,13 @@ class NullSpaceConstraint:
                 sketch = sketches.get(name)
                 if sketch is not None:
                     entry.sketch_rows = sketch.T.contiguous().to(device=parameter.device, dtype=torch.float32)
-                    base_outputs = self._base_outputs(module, entry.sketch_rows)
-                    entry.base_output_norm = torch.linalg.matrix_norm(base_outputs.double()).item()
-                    if not self.is_lora:
+                    if self.is_lora:
+                        base_outputs = self._base_outputs(module, entry.sketch_rows)
+                    else:
+                        # W₀ exactly as stored, in float32 like the trained weights it is compared with.
+                        base_outputs = entry.sketch_rows @ start.T
                         entry.base_outputs = base_outputs
+                    entry.base_output_norm = torch.linalg.matrix_norm(base_outputs.double()).item()
                 self.weights.append(entry)
             if self.is_lora:
                 self.lora_b_parameters.update(id(module.lora_B[a].weight) for a in module.active_adapters)
