@@ -137,10 +137,12 @@ class _ConstrainedWeight:
     # Full fine-tuning only: the part of the starting weight (one row per output) outside the null space (W₀·R when R
     # is stored, else W₀ itself), so that W ← W₀ + (W − W₀)·P can be applied without a full copy when R is smaller.
     anchor: torch.Tensor | None = None
-    # Rows = a sketch of the calibration inputs; `base_outputs` = W₀ applied to them (full fine-tuning), and
+    # Rows = a sketch of the calibration inputs; `base_outputs` = W₀ applied to them in float32 (full fine-tuning),
+    # `base_outputs_in_compute_dtype` the same as the forward computes it when that is not float32, and
     # `base_output_norm` = ‖W₀·K·S‖ for the preservation ratio.
     sketch_rows: torch.Tensor | None = None
     base_outputs: torch.Tensor | None = None
+    base_outputs_in_compute_dtype: torch.Tensor | None = None
     base_output_norm: float = 0.0
     # GPT-2's `Conv1D` stores its weight as (d_in, d_out): the rows that must stay in the null space are its columns.
     transposed: bool = False
@@ -165,12 +167,21 @@ class NullSpaceConstraint:
             Projectors that match the model (see [`NullSpaceProjectors.check_matches`]).
         target_modules (`str` or `list[str]`, *optional*):
             The constrained modules, as given to calibration.
+        autocast_dtype (`torch.dtype`, *optional*):
+            The dtype mixed-precision autocast runs the forward in (bf16 or fp16), if the forward is autocast; without
+            it, each constrained layer computes in its constrained parameter's dtype. Only the measurement
+            [`~NullSpaceConstraint.preservation_error_in_compute_dtype`] depends on it.
     """
 
     def __init__(
-        self, model: nn.Module, projectors: NullSpaceProjectors, target_modules: str | list[str] | None = None
+        self,
+        model: nn.Module,
+        projectors: NullSpaceProjectors,
+        target_modules: str | list[str] | None = None,
+        autocast_dtype: torch.dtype | None = None,
     ):
         self.is_lora = is_peft_model(model)
+        self.autocast_dtype = autocast_dtype
         modules = find_constrained_modules(model, target_modules)
         bases = projectors.basis_by_module()
         sketches = {name: group.input_sketch for group in projectors.groups.values() for name in group.module_names}
@@ -187,10 +198,17 @@ class NullSpaceConstraint:
                 sketch = sketches.get(name)
                 if sketch is not None:
                     entry.sketch_rows = sketch.T.contiguous().to(device=parameter.device, dtype=torch.float32)
-                    base_outputs = self._base_outputs(module, entry.sketch_rows)
-                    entry.base_output_norm = torch.linalg.matrix_norm(base_outputs.double()).item()
-                    if not self.is_lora:
+                    if self.is_lora:
+                        base_outputs = self._base_outputs(module, entry.sketch_rows)
+                    else:
+                        # W₀ exactly as stored, in float32 like the trained weights it is compared with.
+                        base_outputs = entry.sketch_rows @ start.T
                         entry.base_outputs = base_outputs
+                        if self.compute_dtype(entry) != torch.float32:
+                            entry.base_outputs_in_compute_dtype = _outputs_in(
+                                self.compute_dtype(entry), entry.sketch_rows, start
+                            )
+                    entry.base_output_norm = torch.linalg.matrix_norm(base_outputs.double()).item()
                 self.weights.append(entry)
             if self.is_lora:
                 self.lora_b_parameters.update(id(module.lora_B[a].weight) for a in module.active_adapters)
@@ -211,6 +229,10 @@ class NullSpaceConstraint:
         if getattr(layer, "bias", None) is not None:
             outputs = outputs - layer.bias.float()
         return outputs
+
+    def compute_dtype(self, entry: _ConstrainedWeight) -> torch.dtype:
+        """The dtype the forward multiplies `entry`'s layer in: autocast's when it is on, else the parameter's own."""
+        return self.autocast_dtype or entry.parameter.dtype
 
     def lora_ranks(self) -> dict[str, int]:
         return {entry.module_name: entry.parameter.shape[0] for entry in self.weights} if self.is_lora else {}
@@ -331,23 +353,47 @@ class NullSpaceConstraint:
     @torch.no_grad()
     def preservation_error(self) -> dict[str, float]:
         """
-        ‖ΔW·K‖ / ‖W·K‖ of the constrained layers on (a random sketch of) the calibration inputs.
+        ‖ΔW·K‖ / ‖W·K‖ of the constrained layers on (a random sketch of) the calibration inputs, computed in float32
+        from the weights as stored.
 
         Returns:
             `dict[str, float]`: `"mean"` (over all constrained layers, norms pooled) and `"max"` (worst layer); empty
             when the projectors carry no input sketch.
         """
+        return self._preservation_error(in_compute_dtype=False)
+
+    @torch.no_grad()
+    def preservation_error_in_compute_dtype(self) -> dict[str, float]:
+        """
+        [`~NullSpaceConstraint.preservation_error`] as the forward computes it: the sketch and the weights cast to
+        each layer's [`~NullSpaceConstraint.compute_dtype`]. Float32 weights kept exactly in the null space still
+        change a bf16 forward's outputs, since rounding the weights and inputs to bf16 leaves ΔW·K ≠ 0 there: this
+        measures that floor, which the float32 measurement cannot see.
+
+        Returns:
+            `dict[str, float]`: as [`~NullSpaceConstraint.preservation_error`]; empty when every constrained layer
+            computes in float32 (it would only repeat that measurement).
+        """
+        if all(self.compute_dtype(entry) == torch.float32 for entry in self.weights):
+            return {}
+        return self._preservation_error(in_compute_dtype=True)
+
+    def _preservation_error(self, in_compute_dtype: bool) -> dict[str, float]:
         delta_sq = 0.0
         base_sq = 0.0
         worst = 0.0
         for entry in self.weights:
             if entry.sketch_rows is None:
                 continue
+            dtype = self.compute_dtype(entry) if in_compute_dtype else torch.float32
             module = self._modules[entry.module_name]
             if self.is_lora:
-                delta = self._lora_delta_outputs(module, entry)
-            else:
+                delta = self._lora_delta_outputs(module, entry, dtype)
+            elif dtype == torch.float32:
                 delta = entry.sketch_rows @ entry.as_rows(entry.parameter.float()).T - entry.base_outputs
+            else:
+                weight_rows = entry.as_rows(entry.parameter)
+                delta = _outputs_in(dtype, entry.sketch_rows, weight_rows) - entry.base_outputs_in_compute_dtype
             delta_norm = torch.linalg.matrix_norm(delta.double()).item()
             delta_sq += delta_norm**2
             base_sq += entry.base_output_norm**2
@@ -358,8 +404,12 @@ class NullSpaceConstraint:
         return {"mean": math.sqrt(delta_sq / base_sq), "max": worst}
 
     @staticmethod
-    def _lora_delta_outputs(module: LoraLayer, entry: _ConstrainedWeight) -> torch.Tensor:
+    def _lora_delta_outputs(module: LoraLayer, entry: _ConstrainedWeight, dtype: torch.dtype) -> torch.Tensor:
         adapter = next(a for a in module.active_adapters if module.lora_A[a].weight is entry.parameter)
-        lora_a = module.lora_A[adapter].weight.float()
-        lora_b = module.lora_B[adapter].weight.float()
-        return (entry.sketch_rows @ lora_a.T) @ lora_b.T * module.scaling[adapter]
+        hidden = entry.sketch_rows.to(dtype) @ module.lora_A[adapter].weight.to(dtype).T
+        return (hidden @ module.lora_B[adapter].weight.to(dtype).T * module.scaling[adapter]).float()
+
+
+def _outputs_in(dtype: torch.dtype, rows: torch.Tensor, weight_rows: torch.Tensor) -> torch.Tensor:
+    """`rows`·Wᵀ as a forward in `dtype` computes it (operands and result rounded to `dtype`), returned in float32."""
+    return (rows.to(dtype) @ weight_rows.to(dtype).T).float()

@@ -5,6 +5,7 @@ import textwrap
 import warnings
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -80,7 +81,9 @@ class NSPOTrainer(GRPOTrainer):
 
     Logged metrics: `nspo/kept_gradient_fraction` (‖g·P‖/‖g‖), `nspo/optimizer_drift` (share of the constrained
     weights the optimizer moved out of the null space before re-projection), `nspo/preservation_error` and
-    `nspo/preservation_error_max` (‖ΔW·K‖/‖W·K‖ on a sketch of the calibration inputs), and at the first log
+    `nspo/preservation_error_max` (‖ΔW·K‖/‖W·K‖ on a sketch of the calibration inputs, in float32), when the forward
+    runs in bf16 or fp16 (autocast, or low-precision weights) `nspo/preservation_error_in_compute_dtype` (the same
+    ratio as that forward computes it: the rounding floor float32 cannot see), and at the first log
     `nspo/null_dim_min` and `nspo/null_dim_fraction`.
     """
 
@@ -141,7 +144,9 @@ class NSPOTrainer(GRPOTrainer):
                 target_modules=args.nspo_target_modules,
             )
             self._model_fingerprint = self.projectors.model_fingerprint
-        self.constraint = NullSpaceConstraint(self.model, self.projectors, args.nspo_target_modules)
+        self.constraint = NullSpaceConstraint(
+            self.model, self.projectors, args.nspo_target_modules, autocast_dtype=_autocast_dtype(self.accelerator)
+        )
         try:
             self.constraint.check_ranks()
         except NullSpaceError as error:
@@ -255,6 +260,10 @@ class NSPOTrainer(GRPOTrainer):
             if errors:
                 logs["nspo/preservation_error"] = errors["mean"]
                 logs["nspo/preservation_error_max"] = errors["max"]
+            # Only when the forward does not compute in float32 (bf16/fp16 autocast or weights): its rounding floor.
+            errors = self.constraint.preservation_error_in_compute_dtype()
+            if errors:
+                logs["nspo/preservation_error_in_compute_dtype"] = errors["mean"]
         was_training = self.model.training
         self.model.train(training_log)
         try:
@@ -389,6 +398,13 @@ def _last_complete_checkpoint(output_dir: str) -> str:
     if not complete:
         raise ValueError(f"No complete checkpoint found in output directory ({output_dir}) to resume from.")
     return complete[-1]
+
+
+def _autocast_dtype(accelerator) -> torch.dtype | None:
+    """The dtype accelerate autocasts the forward to (`bf16=True`, `fp16=True`), or `None` when it does not."""
+    if not accelerator.native_amp:
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
 
 
 def _has_sharded_parameters(model: nn.Module) -> bool:
