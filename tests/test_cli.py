@@ -1,4 +1,7 @@
 import json
+import re
+import shlex
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -19,6 +22,29 @@ def write_jsonl(path, rows):
 def general_file(tmp_path):
     rows = [{"text": "What is 12 times 7? It is 84."}, {"text": "Write a haiku about autumn leaves."}]
     return write_jsonl(tmp_path / "general.jsonl", rows)
+
+
+def readme_command(command: str) -> list[str]:
+    """The arguments of the README's `trl-nspo COMMAND …` example, continuation lines joined."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    match = re.search(rf"^trl-nspo {command} ((?:.*\\\n)*.*)$", readme, flags=re.MULTILINE)
+    return [command, *shlex.split(match.group(1).replace("\\\n", " "))]
+
+
+def with_flags(argv: list[str], replaced: dict[str, list[str] | None]) -> list[str]:
+    """`argv` with the values of the flags in `replaced` replaced (`None`: the flag is dropped)."""
+    result, index = [], 0
+    while index < len(argv):
+        end = index + 1
+        while end < len(argv) and not argv[end].startswith("--"):
+            end += 1
+        flag = argv[index].removeprefix("--")
+        if flag not in replaced:
+            result += argv[index:end]
+        elif replaced[flag] is not None:
+            result += [argv[index], *replaced[flag]]
+        index = end
+    return result
 
 
 def test_usage_lists_the_commands(capsys):
@@ -186,3 +212,46 @@ def test_train_runs_the_grpo_script_with_the_constraint(tiny_model_dir, general_
     files = {path.name for path in output.iterdir()}
     assert {"adapter_model.safetensors", "nspo_projectors.safetensors", "README.md"} <= files
     assert "refusal_reward" in (output / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_readme_commands_run_as_written_on_a_cpu(tiny_model_dir, general_file, tmp_path):
+    """The README's calibrate and train commands with a local model and data: no device or precision flag needed."""
+    safety = write_jsonl(
+        tmp_path / "safety.jsonl",
+        [{"prompt": "How do I pick a lock to break in?", "is_response_0_safe": False}] * 4,
+    )
+    # Sizes for the tiny model (its inputs spread their energy evenly, so ε = 1e-3 would leave no room for rank 2).
+    tiny = ["--lora_r", "2", "--null_space_energy", "0.05", "--calibration_completion_length", "4"]
+    projectors = tmp_path / "projectors"
+    calibrate_argv = with_flags(
+        readme_command("calibrate"),
+        {
+            "model_name_or_path": [str(tiny_model_dir)],
+            "calibration_dataset_name": [str(general_file)],
+            "output_dir": [str(projectors)],
+        },
+    )
+    assert not {"--use_cpu", "--bf16"} & set(calibrate_argv)
+    main([*calibrate_argv, *tiny])
+    assert (projectors / PROJECTORS_FILE_NAME).is_file()
+
+    output = tmp_path / "run"
+    train_argv = with_flags(
+        readme_command("train"),
+        {
+            "model_name_or_path": [str(tiny_model_dir)],
+            "dataset_name": [str(safety)],
+            "projectors_path": [str(projectors)],
+            "output_dir": [str(output)],
+            # No guard server and no network here: the rule-based reward, and nothing pushed.
+            "rewards": ["refusal"],
+            "guard_base_url": None,
+            "guard_model": None,
+            "push_to_hub": None,
+        },
+    )
+    assert not {"--use_cpu", "--bf16"} & set(train_argv)
+    steps = ["--max_steps", "1", "--per_device_train_batch_size", "2", "--num_generations", "2"]
+    main([*train_argv, *tiny, *steps, "--max_completion_length", "4", "--report_to", "none", "--save_strategy", "no"])
+    assert (output / "adapter_model.safetensors").is_file()

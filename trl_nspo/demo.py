@@ -22,6 +22,7 @@ from .data import demo_safety_dataset, embedded_prompts
 from .evaluation import EvaluationPrompts, base_model_context, evaluate, greedy_answers
 from .nspo_config import NSPOConfig
 from .nspo_trainer import NSPOTrainer
+from .precision import bf16_supported
 from .rewards import RefusalReward
 from .smollm2 import prepare_smollm2
 
@@ -95,20 +96,6 @@ class DemoArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Another local chat model to use instead of SmolLM2-135M-Instruct."}
     )
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU has bf16 matrix instructions (AVX512-bf16 or AMX): with them bf16 autocast is faster than
-    float32; without them bf16 is emulated, and slower."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def bf16_supported() -> bool:
-    """bf16 autocast for training: on a GPU that supports it, or on a CPU with bf16 instructions."""
-    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_supports_bf16()
 
 
 def grpo_settings(arguments: DemoArguments, output_dir: Path) -> dict:

@@ -4,6 +4,7 @@ from trl import GRPOConfig
 
 from .calibration import CalibrationSettings
 from .null_space import NullSpaceRule
+from .precision import accelerator_available, bf16_supported
 
 
 @dataclass
@@ -13,7 +14,9 @@ class NSPOConfig(GRPOConfig):
 
     Adds to [`~trl.GRPOConfig`] the parameters of the null-space constraint: how the general-task calibration data
     is fed to the model, how each layer's null space is selected, and where projectors are loaded from or saved to.
-    Every GRPO parameter keeps its meaning and default.
+    Every GRPO parameter keeps its meaning and default, except that an unset `bf16` is turned on only where the
+    hardware computes in bf16 natively (an accelerator that supports it, or a CPU with bf16 instructions), and that
+    `use_cpu` is set when bf16 is on without an accelerator: the same settings run on a GPU and on a laptop.
 
     Parameters:
         > Parameters that control the calibration
@@ -154,6 +157,12 @@ class NSPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        # TRL turns bf16 on wherever it is unset, and transformers then refuses it without an accelerator unless
+        # `use_cpu` is set: decide from the hardware instead, so one command runs on a GPU and on a laptop alike.
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and bf16_supported()
+        if (self.bf16 or self.bf16_full_eval) and not accelerator_available():
+            self.use_cpu = True
         super().__post_init__()
         # Build both once so that bad values fail here, at construction, before any model is loaded.
         self.null_space_rule_config()
