@@ -1,0 +1,31 @@
+"""What `import trl_nspo` and `trl-nspo --help` cost and print, measured in fresh interpreters."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPOSITORY = Path(__file__).parents[1]
+
+
+def run_python(*arguments: str) -> subprocess.CompletedProcess:
+    """`python ARGUMENTS` in a fresh interpreter that imports this checkout's `trl_nspo`."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, *arguments], capture_output=True, text=True, env=env, cwd=REPOSITORY, check=True
+    )
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["-c", "import trl_nspo.nspo_trainer, trl_nspo.demo"],
+        ["-m", "trl_nspo.cli", "calibrate", "--help"],
+    ],
+    ids=["import", "calibrate-help"],
+)
+def test_bitsandbytes_kernel_notice_is_not_printed(arguments):
+    result = run_python(*arguments)
+    assert "gemm_4bit_forward" not in result.stdout + result.stderr
