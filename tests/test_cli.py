@@ -8,7 +8,7 @@ import pytest
 from test_trainer import TRAIN, config, length_reward, lora
 
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError, NullSpaceProjectors
-from trl_nspo.cli import TrainArguments, main
+from trl_nspo.cli import CALIBRATE_OPTIONS, TrainArguments, calibrate_parser, main
 from trl_nspo.data import load_calibration_dataset
 from trl_nspo.projectors import PROJECTORS_FILE_NAME
 
@@ -52,6 +52,21 @@ def test_usage_lists_the_commands(capsys):
         main([])
     assert exit_info.value.code == 2
     assert "calibrate" in capsys.readouterr().err
+
+
+def test_calibrate_help_lists_only_what_calibrate_reads(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", "--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    # Every GRPOConfig/TrainingArguments flag was listed before: 1,421 lines.
+    assert len(printed.splitlines()) <= 200
+    for option in ("--model_name_or_path", "--lora_target_modules", "--null_space_energy", "--output_dir"):
+        assert option in printed
+    for training_option in ("--learning_rate", "--num_generations", "--beta", "--bf16"):
+        assert training_option not in printed
+    # A renamed field would silently drop out of the help.
+    assert CALIBRATE_OPTIONS <= {action.dest for action in calibrate_parser()._actions}
 
 
 def test_calibrate_writes_projectors_for_the_adapter_targets(tiny_model_dir, general_file, tmp_path, capsys):

@@ -29,3 +29,28 @@ def run_python(*arguments: str) -> subprocess.CompletedProcess:
 def test_bitsandbytes_kernel_notice_is_not_printed(arguments):
     result = run_python(*arguments)
     assert "gemm_4bit_forward" not in result.stdout + result.stderr
+
+
+HEAVY_MODULES = ("torch", "transformers", "trl", "peft", "bitsandbytes")
+
+
+def test_import_and_usage_load_no_heavy_module():
+    script = (
+        "import sys, trl_nspo\n"
+        "from trl_nspo.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        f"print([name for name in {HEAVY_MODULES!r} if name in sys.modules])"
+    )
+    result = run_python("-c", script)
+    assert result.stdout.strip() == "[]"
+    assert "calibrate" in result.stderr
+
+
+def test_every_public_name_is_exported_lazily():
+    import trl_nspo
+
+    for name in trl_nspo.__all__:
+        assert getattr(trl_nspo, name).__name__ == name
+        assert name in dir(trl_nspo)
+    with pytest.raises(AttributeError, match="has no attribute 'NSPOTrainerr'"):
+        trl_nspo.NSPOTrainerr  # noqa: B018

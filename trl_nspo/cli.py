@@ -1,15 +1,19 @@
 """The `trl-nspo` command: `calibrate`, `train` and `demo`, in TRL's idiom (dataclasses → CLI flags and YAML
-`--config` through `TrlParser`)."""
+`--config` through `TrlParser`). Each command imports torch, transformers and TRL itself, so that `trl-nspo --help`
+answers at once."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+if TYPE_CHECKING:
+    from trl import ModelConfig, TrlParser
 
-from .nspo_config import NSPOConfig
+    from .nspo_config import NSPOConfig
 
 USAGE = """usage: trl-nspo {calibrate,train,demo} [--help] [options]
 
@@ -20,6 +24,47 @@ USAGE = """usage: trl-nspo {calibrate,train,demo} [--help] [options]
 Each command takes `--config file.yaml` and `--help`."""
 
 REWARD_CHOICES = ("refusal", "guard_endpoint", "local_guard")
+
+# What `trl-nspo calibrate` reads (model, quantization, LoRA targets and rank, calibration, null-space rule, output,
+# device): its `--help` lists these alone. Every other NSPOConfig/ModelConfig flag is still accepted, so that one
+# `--config` file serves both `calibrate` and `train`.
+CALIBRATE_OPTIONS = frozenset(
+    {
+        "help",
+        "calibration_dataset_name",
+        "calibration_dataset_split",
+        "calibration_text_column",
+        "model_name_or_path",
+        "model_revision",
+        "dtype",
+        "attn_implementation",
+        "trust_remote_code",
+        "load_in_4bit",
+        "load_in_8bit",
+        "bnb_4bit_quant_type",
+        "use_bnb_nested_quant",
+        "bnb_4bit_quant_storage",
+        "use_peft",
+        "lora_target_modules",
+        "lora_r",
+        "calibration_num_samples",
+        "calibration_max_length",
+        "calibration_generate_completions",
+        "calibration_completion_length",
+        "calibration_batch_size",
+        "calibration_groups_per_pass",
+        "preservation_sketch_dim",
+        "seed",
+        "null_space_rule",
+        "null_space_alpha",
+        "null_space_energy",
+        "null_space_max_dim",
+        "nspo_target_modules",
+        "projectors_path",
+        "output_dir",
+        "use_cpu",
+    }
+)
 
 
 @dataclass
@@ -123,6 +168,8 @@ def _calibration_dataset(arguments: CalibrateArguments, num_samples: int):
 
 
 def _model_init_kwargs(model_args: ModelConfig, training_args: NSPOConfig) -> dict:
+    from trl import get_quantization_config
+
     quantization_config = get_quantization_config(model_args)
     kwargs = {
         "revision": model_args.model_revision,
@@ -135,16 +182,34 @@ def _model_init_kwargs(model_args: ModelConfig, training_args: NSPOConfig) -> di
     return kwargs
 
 
+def calibrate_parser() -> TrlParser:
+    """The parser of `trl-nspo calibrate`: every NSPOConfig and ModelConfig flag, the help showing what calibrate
+    reads (`CALIBRATE_OPTIONS`)."""
+    from trl import ModelConfig, TrlParser
+
+    from .nspo_config import NSPOConfig
+
+    parser = TrlParser(
+        (CalibrateArguments, NSPOConfig, ModelConfig),
+        prog="trl-nspo calibrate",
+        epilog="Training flags (`trl-nspo train --help`) are accepted and ignored, so one --config file serves both.",
+    )
+    for action in parser._actions:
+        if action.dest not in CALIBRATE_OPTIONS:
+            action.help = argparse.SUPPRESS
+    return parser
+
+
 def calibrate(argv: Sequence[str]) -> None:
     from peft import get_peft_model
     from transformers import AutoTokenizer
+    from trl import get_peft_config
     from trl.trainer.utils import create_model_from_path
 
     from .calibration import compute_projectors
     from .constraint import NullSpaceConstraint
 
-    parser = TrlParser((CalibrateArguments, NSPOConfig, ModelConfig), prog="trl-nspo calibrate")
-    arguments, training_args, model_args = parser.parse_args_and_config(args=list(argv))
+    arguments, training_args, model_args = calibrate_parser().parse_args_and_config(args=list(argv))
     # The loader GRPOTrainer uses, so calibration sees the model exactly as training will.
     model = create_model_from_path(model_args.model_name_or_path, **_model_init_kwargs(model_args, training_args))
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
@@ -183,7 +248,10 @@ def _reward_functions(arguments: TrainArguments) -> list[Callable]:
 
 
 def train(argv: Sequence[str]) -> None:
+    from trl import ModelConfig, TrlParser, get_peft_config
+
     from .data import demo_safety_dataset, load_safety_prompts
+    from .nspo_config import NSPOConfig
     from .nspo_trainer import NSPOTrainer
     from .projectors import existing_projectors_file
 
@@ -232,6 +300,8 @@ def train(argv: Sequence[str]) -> None:
 
 
 def demo(argv: Sequence[str]) -> None:
+    from trl import TrlParser
+
     from .demo import DemoArguments, run_demo
 
     (arguments,) = TrlParser((DemoArguments,), prog="trl-nspo demo").parse_args_and_config(args=list(argv))
