@@ -15,7 +15,14 @@ from peft import LoraConfig, get_peft_model
 from transformers.pytorch_utils import Conv1D
 from trl import GRPOConfig, GRPOTrainer
 
-from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError, NullSpaceProjectors, ProjectorFileError
+from trl_nspo import (
+    HubUnreachableError,
+    NSPOConfig,
+    NSPOTrainer,
+    NullSpaceError,
+    NullSpaceProjectors,
+    ProjectorFileError,
+)
 from trl_nspo.calibration import (
     CalibrationSettings,
     base_linear,
@@ -600,3 +607,52 @@ class TestRefusals:
     def test_bad_settings_fail_at_construction(self, tmp_path, overrides, message):
         with pytest.raises(ValueError, match=message):
             NSPOConfig(**config(tmp_path, **overrides))
+
+
+def _hub_connection_errors() -> list[Exception]:
+    """The errors `create_repo` raises without a network, for each HTTP client huggingface_hub may use."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    errors: list[Exception] = [OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled.")]
+    for client in ("httpx2", "httpx"):
+        try:
+            errors.append(__import__(client).ConnectError("[Errno -2] Name or service not known"))
+        except ImportError:
+            pass
+    try:
+        from requests.exceptions import ConnectionError as RequestsConnectionError
+
+        errors.append(RequestsConnectionError("Max retries exceeded with url: /api/repos/create"))
+    except ImportError:
+        pass
+    return errors
+
+
+@pytest.mark.parametrize("error", _hub_connection_errors(), ids=lambda error: type(error).__module__)
+def test_unreachable_hub_at_construction_says_how_to_push_later(tiny_model_dir, tmp_path, error):
+    api = mock.Mock()
+    api.create_repo.side_effect = error
+    with (
+        mock.patch("transformers.trainer.hf_api", return_value=api),
+        mock.patch("trl_nspo.nspo_trainer.compute_projectors") as calibration,
+        pytest.raises(HubUnreachableError) as error_info,
+    ):
+        build_nspo(tiny_model_dir, tmp_path, lora(), push_to_hub=True, hub_model_id="someone/tiny-nspo")
+    message = str(error_info.value)
+    assert "Hugging Face Hub is unreachable" in message and "Nothing has been trained yet" in message
+    assert "push_to_hub=False" in message and "trainer.push_to_hub()" in message
+    assert f"hf upload someone/tiny-nspo {tmp_path / 'out'}` (the saved output folder)" in message
+    assert error_info.value.__cause__ is error
+    calibration.assert_not_called()
+
+
+def test_unreachable_hub_after_training_says_nothing_was_pushed(tiny_model_dir, tmp_path):
+    trainer = build_nspo(tiny_model_dir, tmp_path, lora(), hub_model_id="someone/tiny-nspo")
+    trainer.state.global_step = 1  # as after `train()`
+    api = mock.Mock()
+    api.create_repo.side_effect = ConnectionError("Cannot reach https://huggingface.co")
+    with (
+        mock.patch("transformers.trainer.hf_api", return_value=api),
+        pytest.raises(HubUnreachableError, match=r"Nothing was pushed\. Save the model"),
+    ):
+        trainer.push_to_hub()

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from .calibration import CalibrationSettings, compute_projectors, find_constrained_modules
     from .constraint import NullSpaceConstraint, UnsupportedSetupError
     from .nspo_config import NSPOConfig
-    from .nspo_trainer import NSPOTrainer
+    from .nspo_trainer import HubUnreachableError, NSPOTrainer
     from .null_space import NullSpaceBasis, NullSpaceError, NullSpaceRule
     from .projectors import NullSpaceProjectors, ProjectorFileError
 
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 # Public name → the submodule defining it.
 _PUBLIC_NAMES = {
     "CalibrationSettings": "calibration",
+    "HubUnreachableError": "nspo_trainer",
     "NSPOConfig": "nspo_config",
     "NSPOTrainer": "nspo_trainer",
     "NullSpaceBasis": "null_space",
@@ -36,6 +37,7 @@ _PUBLIC_NAMES = {
 
 __all__ = [
     "CalibrationSettings",
+    "HubUnreachableError",
     "NSPOConfig",
     "NSPOTrainer",
     "NullSpaceBasis",

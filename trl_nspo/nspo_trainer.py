@@ -1,3 +1,4 @@
+import importlib
 import logging
 import math
 import os
@@ -40,6 +41,10 @@ from .projectors import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+class HubUnreachableError(ConnectionError):
+    """The Hugging Face Hub could not be reached to create the repository `push_to_hub` pushes to."""
 
 
 class _ReprojectAfterOptimizerStep(TrainerCallback):
@@ -182,6 +187,32 @@ class NSPOTrainer(GRPOTrainer):
             logger.info("Saved NSPO projectors (%.1f MB) to %s.", path.stat().st_size / 2**20, path)
         self.accelerator.wait_for_everyone()
         return path
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Creates the Hub repository as [`~transformers.Trainer`] does; raises [`HubUnreachableError`], saying how to
+        push later, when the Hub cannot be reached."""
+        try:
+            super().init_hf_repo(token, private)
+        except _hub_connection_errors() as error:
+            repo = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+            push_later = (
+                f"`trainer.push_to_hub()`, or `hf upload {repo} {self.args.output_dir}` (the saved output folder)."
+            )
+            # Trainer.__init__ creates the repository before the training state exists.
+            if getattr(self, "state", None) is None or self.state.global_step == 0:
+                advice = (
+                    "Nothing has been trained yet. Train now with `push_to_hub=False` (no `--push_to_hub`), then "
+                    f"push once the Hub is reachable: {push_later}"
+                )
+            else:
+                advice = (
+                    "Nothing was pushed. Save the model (`trainer.save_model()`) and push once the Hub is reachable: "
+                    f"{push_later}"
+                )
+            raise HubUnreachableError(
+                f"The Hugging Face Hub is unreachable: the repository {repo!r} could not be created "
+                f"({type(error).__name__}: {error}). {advice}"
+            ) from error
 
     def _validated(
         self, projectors: NullSpaceProjectors, source: str, calibration_dataset: Dataset | None = None
@@ -398,6 +429,23 @@ def _last_complete_checkpoint(output_dir: str) -> str:
     if not complete:
         raise ValueError(f"No complete checkpoint found in output directory ({output_dir}) to resume from.")
     return complete[-1]
+
+
+def _hub_connection_errors() -> tuple[type[Exception], ...]:
+    """What the Hub client raises when it cannot connect: its offline mode raises a `ConnectionError`, but the
+    transport errors of its HTTP client (httpx2, httpx or requests, with the huggingface_hub version) are not ones."""
+    errors: list[type[Exception]] = [ConnectionError, TimeoutError]
+    for module_name, error_name in (
+        ("httpx2", "TransportError"),
+        ("httpx", "TransportError"),
+        ("requests.exceptions", "ConnectionError"),
+        ("requests.exceptions", "Timeout"),
+    ):
+        try:
+            errors.append(getattr(importlib.import_module(module_name), error_name))
+        except ImportError:
+            continue
+    return tuple(errors)
 
 
 def _autocast_dtype(accelerator) -> torch.dtype | None:
