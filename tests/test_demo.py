@@ -1,12 +1,28 @@
 """`trl-nspo demo` end to end on the tiny local model (the real demo runs SmolLM2-135M-Instruct the same way)."""
 
 import json
+from unittest import mock
 
 import pytest
 
 from trl_nspo import NullSpaceProjectors
 from trl_nspo.cli import main
 from trl_nspo.demo import METRIC_LABELS
+from trl_nspo.projectors import PROJECTORS_FILE_NAME
+from trl_nspo.smollm2 import SMOLLM2_HUB_ID
+
+# The demo's run at the tiny model's size.
+TINY_RUN = [
+    "--max_steps", "2",
+    "--prompts_per_step", "1",
+    "--num_generations", "2",
+    "--max_completion_length", "4",
+    "--calibration_completion_length", "4",
+    "--eval_max_new_tokens", "4",
+    "--lora_r", "2",
+    # The tiny random model spreads its inputs' energy evenly: ε = 1e-3 leaves some inputs no null space.
+    "--null_space_energy", "0.05",
+]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -17,15 +33,7 @@ def test_demo_trains_evaluates_and_writes_everything(tiny_model_dir, tmp_path, c
             "demo",
             "--model_name_or_path", str(tiny_model_dir),
             "--output_dir", str(output_dir),
-            "--max_steps", "2",
-            "--prompts_per_step", "1",
-            "--num_generations", "2",
-            "--max_completion_length", "4",
-            "--calibration_completion_length", "4",
-            "--eval_max_new_tokens", "4",
-            "--lora_r", "2",
-            # The tiny random model spreads its inputs' energy evenly: ε = 1e-3 leaves some inputs no null space.
-            "--null_space_energy", "0.05",
+            *TINY_RUN,
             "--compare_grpo", "true",
         ]
     )  # fmt: skip
@@ -47,5 +55,26 @@ def test_demo_trains_evaluates_and_writes_everything(tiny_model_dir, tmp_path, c
     assert (output_dir / "adapter_model.safetensors").is_file()
     card = (output_dir / "README.md").read_text()
     assert METRIC_LABELS["refusal_rate_harmful"] in card
+    # Another local model: no Hub id is known, and the card says so instead of showing a placeholder.
+    assert "no Hub id was recorded" in card and "]()" not in card and "BASE_MODEL" not in card
     printed = capsys.readouterr().out
     assert "[4/4] Results" in printed and METRIC_LABELS["general_kl"] in printed
+
+
+@pytest.mark.slow
+def test_demo_adapter_and_card_name_the_hub_model_the_local_copy_was_converted_from(tiny_model_dir, tmp_path, capsys):
+    output_dir = tmp_path / "demo"
+    # The tiny model stands in for the converted SmolLM2 checkpoint in the cache.
+    with mock.patch("trl_nspo.demo.prepare_smollm2", return_value=tiny_model_dir):
+        main(["demo", "--output_dir", str(output_dir), *TINY_RUN])
+    adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == SMOLLM2_HUB_ID
+    card = (output_dir / "README.md").read_text()
+    assert f"base_model: {SMOLLM2_HUB_ID}" in card
+    assert f'AutoModelForCausalLM.from_pretrained("{SMOLLM2_HUB_ID}")' in card
+    assert "]()" not in card and "BASE_MODEL" not in card
+    # One number for the file on disk, in the card and in what the demo prints.
+    size = f"{(output_dir / PROJECTORS_FILE_NAME).stat().st_size / 2**20:.1f} MB"
+    assert f"projector file {size}." in card
+    printed = capsys.readouterr().out
+    assert f"{PROJECTORS_FILE_NAME} ({size})" in printed and f"Saved NSPO projectors ({size})" in printed

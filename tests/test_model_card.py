@@ -1,3 +1,4 @@
+import json
 from unittest import mock
 
 import yaml
@@ -7,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from trl_nspo import NSPOConfig, NSPOTrainer
 from trl_nspo.model_card import render_model_card
+from trl_nspo.projectors import PROJECTORS_FILE_NAME
 
 
 def card_metadata(text: str) -> dict:
@@ -80,3 +82,51 @@ def test_saved_folder_loads_without_trl_nspo_and_push_uploads_it(tiny_model_dir,
     for name, parameter in loaded.named_parameters():
         if "lora_" in name:
             assert (parameter - trained[name]).abs().max().item() == 0.0
+
+
+def test_card_of_a_locally_loaded_base_model_has_no_placeholder_and_the_file_size_on_disk(
+    tiny_model_dir, tmp_path, capsys
+):
+    trainer = NSPOTrainer(
+        str(tiny_model_dir),
+        length_reward,
+        NSPOConfig(**config(tmp_path, max_steps=1)),
+        train_dataset=TRAIN,
+        calibration_dataset=CALIBRATION,
+        peft_config=lora(),
+    )
+    projectors_file = tmp_path / "out" / PROJECTORS_FILE_NAME
+    size = projectors_file.stat().st_size / 2**20
+    # Seen when written, before anything could be pushed.
+    assert f"Saved NSPO projectors ({size:.1f} MB) to {projectors_file}." in capsys.readouterr().out
+    trainer.save_model()
+    trainer.create_model_card()
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model" not in card_metadata(text)
+    assert "]()" not in text and "BASE_MODEL" not in text
+    assert "loaded from a local folder (no Hub id was recorded)" in text
+    assert 'PeftModel.from_pretrained(base, "out")' in text
+    # The file published beside the adapter, not the bases alone (62.66 MB vs 90.8 MB on SmolLM2-135M).
+    assert f"projector file {size:.1f} MB." in text
+    assert trainer.projectors.num_bytes / 2**20 < size
+
+
+def test_base_model_hub_id_recorded_by_the_adapter_names_it_in_card_and_adapter_config(tiny_model_dir, tmp_path):
+    trainer = NSPOTrainer(
+        str(tiny_model_dir),
+        length_reward,
+        NSPOConfig(**config(tmp_path, max_steps=1)),
+        train_dataset=TRAIN,
+        calibration_dataset=CALIBRATION,
+        peft_config=lora(),
+    )
+    trainer.model.active_peft_config.base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    trainer.save_model()
+    trainer.create_model_card()
+    folder = tmp_path / "out"
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    text = (folder / "README.md").read_text()
+    assert card_metadata(text)["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "A LoRA adapter for [HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/" in text
+    assert 'AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")' in text

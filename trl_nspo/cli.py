@@ -208,6 +208,7 @@ def calibrate(argv: Sequence[str]) -> None:
 
     from .calibration import compute_projectors
     from .constraint import NullSpaceConstraint
+    from .projectors import file_megabytes
 
     arguments, training_args, model_args = calibrate_parser().parse_args_and_config(args=list(argv))
     # The loader GRPOTrainer uses, so calibration sees the model exactly as training will.
@@ -230,7 +231,7 @@ def calibrate(argv: Sequence[str]) -> None:
     NullSpaceConstraint(model, projectors, training_args.nspo_target_modules).check_ranks()
     path = projectors.save(training_args.projectors_path or training_args.output_dir)
     print(projectors.summary())
-    print(f"Saved {len(projectors.null_dims())} module projectors ({path.stat().st_size / 2**20:.2f} MB) to {path}.")
+    print(f"Saved {len(projectors.null_dims())} module projectors ({file_megabytes(path)}) to {path}.")
 
 
 def _reward_functions(arguments: TrainArguments) -> list[Callable]:
@@ -253,7 +254,7 @@ def train(argv: Sequence[str]) -> None:
     from .data import demo_safety_dataset, load_safety_prompts
     from .nspo_config import NSPOConfig
     from .nspo_trainer import NSPOTrainer
-    from .projectors import existing_projectors_file
+    from .projectors import existing_projectors_file, file_megabytes
 
     parser = TrlParser((TrainArguments, NSPOConfig, ModelConfig), prog="trl-nspo train")
     arguments, training_args, model_args = parser.parse_args_and_config(args=list(argv))
@@ -289,10 +290,9 @@ def train(argv: Sequence[str]) -> None:
     trainer.save_model(training_args.output_dir)
     dataset_name = arguments.dataset_name or "trl-nspo embedded demo prompts"
     trainer.create_model_card(dataset_name=dataset_name)
-    size = trainer.projectors_file.stat().st_size / 2**20
     trainer.accelerator.print(
-        f"Adapter, projectors ({size:.1f} MB, from {trainer.projectors_file}) and model card saved to "
-        f"{training_args.output_dir}."
+        f"Adapter, projectors ({file_megabytes(trainer.projectors_file)}, from {trainer.projectors_file}) and model "
+        f"card saved to {training_args.output_dir}."
     )
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=dataset_name)

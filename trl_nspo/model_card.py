@@ -3,13 +3,14 @@ evaluation table, rendered from `model_cards/nspo_adapter.md`."""
 
 from __future__ import annotations
 
+import os
 import textwrap
 from importlib.metadata import version
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .projectors import NullSpaceProjectors
+from .projectors import NullSpaceProjectors, file_megabytes
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 NSPO_CITATION = textwrap.dedent("""\
@@ -33,6 +34,7 @@ def render_model_card(
     training_steps: int | None = None,
     evaluation: dict[str, tuple[float | str, float | str]] | None = None,
     tags: list[str] | None = None,
+    projectors_file: str | os.PathLike | None = None,
 ) -> ModelCard:
     """
     Renders the model card of an adapter trained with NSPO.
@@ -43,7 +45,8 @@ def render_model_card(
         model_name (`str`):
             Name of the adapter.
         base_model (`str`, *optional*):
-            Hub id of the base model (`base_model` metadata); a local path is left out.
+            Hub id of the base model (`base_model` metadata and the loading snippet). Without it, the card says that
+            the base model was loaded from a local folder.
         hub_model_id (`str`, *optional*):
             Hub id the adapter is pushed to, used in the loading snippet.
         dataset_name (`str`, *optional*):
@@ -58,6 +61,8 @@ def render_model_card(
             `{metric: (base model value, adapter value)}` for the evaluation table.
         tags (`list[str]`, *optional*):
             Extra Hub tags; `trl`, `nspo`, `grpo`, `peft`, `lora` and `safety` are always there.
+        projectors_file (`str` or `os.PathLike`, *optional*):
+            The projector file published with the adapter: the card states its size on disk.
 
     Returns:
         [`~huggingface_hub.ModelCard`]
@@ -101,7 +106,7 @@ def render_model_card(
         generate_completions=projectors.calibration.get("generate_completions", False),
         rule_description=rule_description,
         constrained_count=len(null_space_rows),
-        projector_megabytes=f"{projectors.num_bytes / 2**20:.2f}",
+        projectors_file_size=None if projectors_file is None else file_megabytes(projectors_file),
         null_space_rows=null_space_rows,
         evaluation_rows=evaluation_rows,
         trl_nspo_version=version("trl-nspo"),

@@ -34,6 +34,7 @@ from .projectors import (
     ProjectorFileError,
     copy_projectors_file,
     existing_projectors_file,
+    file_megabytes,
     file_sha256,
     projectors_file_path,
     read_projectors_reference,
@@ -184,7 +185,8 @@ class NSPOTrainer(GRPOTrainer):
         path = projectors_file_path(location)
         if self.accelerator.is_main_process:
             self.projectors.save(path)
-            logger.info("Saved NSPO projectors (%.1f MB) to %s.", path.stat().st_size / 2**20, path)
+            # Printed, not only logged: the file is published beside the adapter, and its size is seen before a push.
+            print(f"Saved NSPO projectors ({file_megabytes(path)}) to {path}.")
         self.accelerator.wait_for_everyone()
         return path
 
@@ -361,7 +363,13 @@ class NSPOTrainer(GRPOTrainer):
     ) -> None:
         """
         Writes the NSPO model card (`README.md`) to the output directory: Hub metadata, how to load the adapter,
-        training data and rewards, the null-space summary and, if given, an evaluation table.
+        training data and rewards, the null-space summary with the projector file's size on disk and, if given, an
+        evaluation table.
+
+        The base model is named by its Hub id as the adapter records it (`base_model_name_or_path` of the PEFT
+        config, also written to `adapter_config.json`), else as the model was loaded. A model loaded from a local
+        copy of a Hub model can record the Hub id before saving:
+        `trainer.model.active_peft_config.base_model_name_or_path = "org/name"`.
 
         Args:
             model_name (`str`, *optional*):
@@ -377,11 +385,11 @@ class NSPOTrainer(GRPOTrainer):
         """
         if not self.is_world_process_zero():
             return
-        name_or_path = self.model.config._name_or_path
+        published_file = Path(self.args.output_dir) / PROJECTORS_FILE_NAME
         card = render_model_card(
             self.projectors,
             model_name=model_name or Path(self.args.output_dir).name,
-            base_model=None if not name_or_path or os.path.isdir(name_or_path) else name_or_path,
+            base_model=self._base_model_hub_id(),
             hub_model_id=self.hub_model_id,
             dataset_name=dataset_name,
             calibration_description=calibration_description,
@@ -389,8 +397,16 @@ class NSPOTrainer(GRPOTrainer):
             training_steps=self.state.global_step,
             evaluation=evaluation,
             tags=[tags] if isinstance(tags, str) else tags,
+            projectors_file=published_file if published_file.is_file() else self.projectors_file,
         )
         card.save(os.path.join(self.args.output_dir, "README.md"))
+
+    def _base_model_hub_id(self) -> str | None:
+        """The base model's Hub id as the adapter records it (PEFT's `base_model_name_or_path`), else as the model
+        was loaded; `None` when that is a local folder."""
+        peft_config = getattr(self.model, "active_peft_config", None)
+        name_or_path = getattr(peft_config, "base_model_name_or_path", None) or self.model.config._name_or_path
+        return None if not name_or_path or os.path.isdir(name_or_path) else name_or_path
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """
@@ -418,7 +434,7 @@ class NSPOTrainer(GRPOTrainer):
         else:
             # A copy (a hard link where possible), not a reference: a final folder is pushed or moved on its own.
             copy_projectors_file(self.projectors_file, directory)
-        logger.info("NSPO projector file (%.1f MB) saved to %s.", target.stat().st_size / 2**20, target)
+        logger.info("NSPO projector file (%s) saved to %s.", file_megabytes(target), target)
 
 
 def _last_complete_checkpoint(output_dir: str) -> str:

@@ -442,6 +442,11 @@ def copy_projectors_file(source: Path, directory: str | os.PathLike) -> Path:
     return target
 
 
+def file_megabytes(path: str | os.PathLike) -> str:
+    """A file's size on disk, as the CLI, the logs and the model card all print it: `"90.8 MB"` (MB of 2**20 bytes)."""
+    return f"{os.stat(path).st_size / 2**20:.1f} MB"
+
+
 def existing_projectors_file(path: str | os.PathLike | None) -> Path | None:
     """The projector file at `path` (a `.safetensors` file, or a directory holding one), or `None` if there is none."""
     if path is None:

