@@ -17,9 +17,9 @@ its full length (`min_new_tokens`) so every step does the same work. Reported as
 
 Calibration. With the trainer's settings, on the base model, phase by phase with the library's own functions: greedy
 answers (generation), the covariance pass (forward with the hooks that accumulate K·Kᵀ), and the eigendecompositions,
-against a plain forward pass over the same tokens (same batches, no hooks); tokens/s of each. Also the end-to-end
-cost as a user sees it: NSPOTrainer's construction time minus GRPOTrainer's, when it calibrates and when it loads the
-projector file it wrote.
+against a plain forward pass over the same tokens (same batches, no hooks); tokens/s of each, and each phase's time
+as a multiple of that plain forward pass. Also the end-to-end cost as a user sees it: NSPOTrainer's construction time
+minus GRPOTrainer's, when it calibrates and when it loads the projector file it wrote.
 
 Memory. Bytes of the stored projector bases (the smaller of the null basis and its complement, fp32), of the input
 sketches kept for the logged metric, and of the file, against dense d×d fp32 projectors (one per shared input, one per
@@ -246,6 +246,12 @@ def measure_calibration(arguments: CostArguments, model_path: Path, tokenizer, p
             "calibration_end_to_end": tokens / (generation_s + covariance_s + eigen_s),
         },
         "covariance_pass_over_plain_forward": covariance_s / plain_s,
+        "over_plain_forward": {
+            "generation": generation_s / plain_s,
+            "covariance_pass": covariance_s / plain_s,
+            "eigendecomposition": eigen_s / plain_s,
+            "total": (generation_s + covariance_s + eigen_s) / plain_s,
+        },
         "bytes": {
             "model_parameters": model_bytes,
             "model_parameters_bf16": 2 * model_parameters,
@@ -411,15 +417,21 @@ def print_tables(results: dict) -> None:
         f"({calibration['generated_tokens']} generated), {calibration['groups']} shared inputs of "
         f"{calibration['modules']} modules"
     )
-    print(f"{'':44}{'seconds':>10}{'tokens/s':>12}")
-    print(f"{'greedy answers (generated tokens/s)':44}{phase['generation']:>10.1f}{rate['generation']:>12.1f}")
-    print(f"{'covariance pass (forward + hooks)':44}{phase['covariance_pass']:>10.1f}{rate['covariance_pass']:>12.1f}")
+    ratio = calibration["over_plain_forward"]
+    print(f"{'':44}{'seconds':>10}{'tokens/s':>12}{'× plain forward':>17}")
+    rows = (
+        ("greedy answers (generated tokens/s)", "generation", "generation"),
+        ("covariance pass (forward + hooks)", "covariance_pass", "covariance_pass"),
+        ("eigendecompositions (float64)", "eigendecomposition", None),
+        ("calibration total", "total", "calibration_end_to_end"),
+    )
+    for label, key, rate_key in rows:
+        tokens_per_second = f"{rate[rate_key]:>12.1f}" if rate_key else f"{'':>12}"
+        print(f"{label:44}{phase[key]:>10.1f}{tokens_per_second}{ratio[key]:>17.2f}")
     print(
         f"{'plain forward, same tokens and batches':44}{phase['plain_forward']:>10.1f}{rate['plain_forward']:>12.1f}"
+        f"{1:>17.2f}"
     )
-    print(f"{'  covariance pass / plain forward':44}{calibration['covariance_pass_over_plain_forward']:>10.2f}")
-    print(f"{'eigendecompositions (float64)':44}{phase['eigendecomposition']:>10.1f}")
-    print(f"{'calibration total':44}{phase['total']:>10.1f}{rate['calibration_end_to_end']:>12.1f}")
     construction = summary["construction_s"]
     print(f"{'GRPOTrainer construction':44}{construction['grpo']:>10.1f}")
     for key, label in (("nspo_calibrating", "calibrating"), ("nspo_loading_projectors", "loading its file")):

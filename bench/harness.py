@@ -49,7 +49,7 @@ from trl_nspo.calibration import (
 from trl_nspo.data import embedded_prompts
 from trl_nspo.demo import DemoArguments, grpo_settings
 from trl_nspo.evaluation import EvaluationPrompts
-from trl_nspo.null_space import CovarianceAccumulator, NullSpaceBasis
+from trl_nspo.null_space import CovarianceAccumulator, NullSpaceBasis, decompose_covariance
 from trl_nspo.projectors import ProjectorGroup
 from trl_nspo.smollm2 import prepare_smollm2
 
@@ -293,12 +293,12 @@ class Eigendecomposition:
 
 
 def eigendecompose(inputs: LayerInputs) -> tuple[list[Eigendecomposition], float]:
-    """Every group's eigendecomposition (as `null_space_from_covariance` does it), and the seconds it took."""
+    """Every group's eigendecomposition (with the library's function, threads as calibration uses them), and the
+    seconds it took."""
     started = time.perf_counter()
     decompositions = []
     for names, accumulator in inputs.groups:
-        covariance = accumulator.sum
-        eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (covariance + covariance.T))
+        eigenvalues, eigenvectors = decompose_covariance(accumulator.sum)
         decompositions.append(
             Eigendecomposition(names, eigenvalues, eigenvectors, accumulator.token_count, accumulator.sketch)
         )
