@@ -185,8 +185,11 @@ class NSPOTrainer(GRPOTrainer):
         path = projectors_file_path(location)
         if self.accelerator.is_main_process:
             self.projectors.save(path)
-            # Printed, not only logged: the file is published beside the adapter, and its size is seen before a push.
-            print(f"Saved NSPO projectors ({file_megabytes(path)}) to {path}.")
+            message = f"Saved NSPO projectors ({file_megabytes(path)}) to {path}."
+            logger.info(message)
+            # Printed too (INFO logs are hidden by default): the file is published beside the adapter, and its size
+            # should be seen before a push.
+            print(message)
         self.accelerator.wait_for_everyone()
         return path
 
