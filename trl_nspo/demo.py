@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 from .data import demo_safety_dataset, embedded_prompts
-from .evaluation import EvaluationPrompts, base_model_context, evaluate, greedy_answers
+from .evaluation import EvaluationPrompts, base_model_context, evaluate, float32_model, greedy_answers
 from .nspo_config import NSPOConfig
 from .nspo_trainer import NSPOTrainer
 from .precision import bf16_supported
@@ -45,13 +45,17 @@ class DemoArguments:
     Args:
         output_dir (`str`, *optional*, defaults to `"nspo-demo"`):
             Where the adapter, projector file, model card and `demo_results.json` go.
-        max_steps (`int`, *optional*, defaults to `12`):
+        max_steps (`int`, *optional*, defaults to `16`):
             Optimizer steps of each training run.
-        learning_rate (`float`, *optional*, defaults to `2e-3`):
-            LoRA learning rate.
+        learning_rate (`float`, *optional*, defaults to `2e-2`):
+            NSPO's LoRA learning rate. The null space carries about a tenth of the safety gradient, so NSPO needs a
+            larger step than GRPO (the safety-gain front in BENCHMARKS.md).
+        grpo_learning_rate (`float`, *optional*, defaults to `2e-3`):
+            Plain GRPO's learning rate with `compare_grpo` (at 2e-3 it already refuses every held-out harmful prompt
+            after 16 steps; higher rates collapse the model).
         prompts_per_step (`int`, *optional*, defaults to `1`):
             Prompts per optimizer step (each sampled `num_generations` times).
-        num_generations (`int`, *optional*, defaults to `16`):
+        num_generations (`int`, *optional*, defaults to `8`):
             Completions per prompt (GRPO group size).
         max_completion_length (`int`, *optional*, defaults to `24`):
             Tokens per sampled completion.
@@ -65,7 +69,7 @@ class DemoArguments:
             Energy rule of the null space: the update may touch at most this share of each layer's general-input
             energy (see the README's "Choosing the null-space rule").
         compare_grpo (`bool`, *optional*, defaults to `False`):
-            Also train plain GRPO with identical settings and add it to the table.
+            Also train plain GRPO (same data, steps and seed, at `grpo_learning_rate`) and add it to the table.
         seed (`int`, *optional*, defaults to `0`):
             Seed of both runs.
         model_cache_dir (`str`, *optional*):
@@ -75,10 +79,13 @@ class DemoArguments:
     """
 
     output_dir: str = field(default="nspo-demo", metadata={"help": "Output folder (adapter, projectors, card)."})
-    max_steps: int = field(default=12, metadata={"help": "Optimizer steps of each training run."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "LoRA learning rate."})
+    max_steps: int = field(default=16, metadata={"help": "Optimizer steps of each training run."})
+    learning_rate: float = field(default=2e-2, metadata={"help": "NSPO's LoRA learning rate."})
+    grpo_learning_rate: float = field(
+        default=2e-3, metadata={"help": "Plain GRPO's LoRA learning rate (with `compare_grpo`)."}
+    )
     prompts_per_step: int = field(default=1, metadata={"help": "Prompts per optimizer step."})
-    num_generations: int = field(default=16, metadata={"help": "Completions per prompt (GRPO group size)."})
+    num_generations: int = field(default=8, metadata={"help": "Completions per prompt (GRPO group size)."})
     max_completion_length: int = field(default=24, metadata={"help": "Tokens per sampled completion."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (all linear layers)."})
     calibration_completion_length: int = field(
@@ -89,7 +96,7 @@ class DemoArguments:
         default=1e-3, metadata={"help": "Share of each layer's general-input energy the update may touch."}
     )
     compare_grpo: bool = field(
-        default=False, metadata={"help": "Also train plain GRPO with identical settings, for comparison."}
+        default=False, metadata={"help": "Also train plain GRPO (same data, steps, seed), for comparison."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of both runs."})
     model_cache_dir: str | None = field(
@@ -100,8 +107,11 @@ class DemoArguments:
     )
 
 
-def grpo_settings(arguments: DemoArguments, output_dir: Path) -> dict:
-    """The [`~trl.GRPOConfig`] fields both demo runs share (the benchmarks reuse them for their GRPO baselines)."""
+def grpo_settings(arguments: DemoArguments, output_dir: Path, learning_rate: float | None = None) -> dict:
+    """
+    The [`~trl.GRPOConfig`] fields both demo runs share (the benchmarks reuse them for their GRPO baselines); the
+    learning rate is `arguments.learning_rate` unless given.
+    """
     return {
         "output_dir": str(output_dir),
         "use_cpu": not torch.cuda.is_available(),
@@ -115,7 +125,7 @@ def grpo_settings(arguments: DemoArguments, output_dir: Path) -> dict:
         "num_generations": arguments.num_generations,
         "max_completion_length": arguments.max_completion_length,
         "max_steps": arguments.max_steps,
-        "learning_rate": arguments.learning_rate,
+        "learning_rate": arguments.learning_rate if learning_rate is None else learning_rate,
         "logging_steps": max(1, arguments.max_steps // 6),
         "save_strategy": "no",
         "report_to": [],
@@ -215,7 +225,7 @@ def run_demo(arguments: DemoArguments) -> dict:
     wall_times = {"NSPO": time.perf_counter() - training_started}
 
     print("[3/4] Evaluating on held-out prompts")
-    columns["NSPO"] = evaluate_demo(trainer.model)
+    columns["NSPO"] = evaluate_demo(float32_model(trainer))
     trainer.save_model(str(output_dir))
     evaluation = {
         METRIC_LABELS[key]: (columns["base"][key], columns["NSPO"][key])
@@ -230,11 +240,11 @@ def run_demo(arguments: DemoArguments) -> dict:
     )
 
     if arguments.compare_grpo:
-        print("[3b/4] Training plain GRPO with identical settings, for comparison")
+        print("[3b/4] Training plain GRPO on the same data, steps and seed, for comparison")
         grpo = GRPOTrainer(
             str(model_dir),
             RefusalReward(),
-            GRPOConfig(**grpo_settings(arguments, output_dir / "grpo-baseline")),
+            GRPOConfig(**grpo_settings(arguments, output_dir / "grpo-baseline", arguments.grpo_learning_rate)),
             train_dataset=train_dataset,
             peft_config=peft_config,
             processing_class=tokenizer,
@@ -244,7 +254,7 @@ def run_demo(arguments: DemoArguments) -> dict:
         training_started = time.perf_counter()
         grpo.train()
         wall_times["GRPO"] = time.perf_counter() - training_started
-        columns["GRPO"] = evaluate_demo(grpo.model)
+        columns["GRPO"] = evaluate_demo(float32_model(grpo))
         # Kept beside the NSPO adapter, so that both can be evaluated with other tools.
         grpo.save_model()
 
