@@ -398,17 +398,13 @@ class StepTimer(TrainerCallback):
         self.durations.append(_clock() - self.begins[-1])
 
 
-class ConstraintTimer:
-    """Times the NSPO-only work of a trainer's constraint by wrapping its methods on the instance: the gradient
-    projection (every step), the parameter re-projection (every optimizer step) and the logged preservation metric
-    (every log)."""
+class MethodTimer:
+    """Times methods of one object by wrapping them on the instance; `seconds[name]` lists one duration per call."""
 
-    METHODS = ("project_gradients", "project_parameters", "preservation_error")
-
-    def __init__(self, constraint):
-        self.seconds: dict[str, list[float]] = {name: [] for name in self.METHODS}
-        for name in self.METHODS:
-            setattr(constraint, name, self._timed(name, getattr(constraint, name)))
+    def __init__(self, target: object, methods: Sequence[str]):
+        self.seconds: dict[str, list[float]] = {name: [] for name in methods}
+        for name in methods:
+            setattr(target, name, self._timed(name, getattr(target, name)))
 
     def _timed(self, name: str, method):
         def timed(*args, **kwargs):
@@ -419,6 +415,16 @@ class ConstraintTimer:
                 self.seconds[name].append(_clock() - started)
 
         return timed
+
+
+class ConstraintTimer(MethodTimer):
+    """Times the NSPO-only work of a trainer's constraint: the gradient projection (every step), the parameter
+    re-projection (every optimizer step) and the logged preservation metric (every log)."""
+
+    METHODS = ("project_gradients", "project_parameters", "preservation_error")
+
+    def __init__(self, constraint):
+        super().__init__(constraint, self.METHODS)
 
 
 def _clock() -> float:
