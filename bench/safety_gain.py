@@ -1,7 +1,7 @@
 """Is NSPO as safe as GRPO, without the tax? The safety gain of plain GRPO, NSPO and gradient projection alone, trained
 long enough for GRPO to learn to refuse, over several seeds; and the trade-off front of NSPO's settings.
 
-SmolLM2-135M-Instruct, LoRA r=8 (α=16) on q/k/v/o/gate/up/down, 50 optimizer steps of 1 prompt × 8 completions of ≤ 24
+SmolLM2-135M-Instruct, LoRA r=8 (α=16) on q/k/v/o/gate/up/down, 16 optimizer steps of 1 prompt × 8 completions of ≤ 24
 tokens, the graded refusal reward (`RefusalReward`) on the embedded 60 harmful + 30 benign-but-risky training prompts,
 no KL term, bf16 autocast where the CPU has bf16 instructions (float32 master weights; evaluation in float32). Every
 arm of one seed gets the same seed, data, steps and hyperparameters; what differs is named by the arm:
@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from harness import (
     NSPO_ONLY_FIELDS,
     StepTimer,
@@ -51,11 +52,13 @@ from trl import GRPOConfig, GRPOTrainer
 
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError
 from trl_nspo.data import demo_safety_dataset, embedded_prompts
-from trl_nspo.demo import bf16_supported
 from trl_nspo.evaluation import base_model_context, evaluate, float32_model, greedy_answers
+from trl_nspo.precision import bf16_supported
 from trl_nspo.rewards import RefusalReward
 
 MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
+# Tokens of each calibration answer (as the demo calibrates).
+CALIBRATION_ANSWER_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -74,12 +77,17 @@ class Arm:
     # Constrained modules (NSPO): None = every LoRA layer; MLP-only leaves attention's LoRA unconstrained, as the
     # original NSPO code did.
     constrained: tuple[str, ...] | None = None
+    # Calibration answers per general prompt: 1 is NSPOTrainer's own calibration (the base model's greedy answer);
+    # n > 1 adds n − 1 answers sampled at temperature 1, so the null spaces are estimated from about n times as many
+    # tokens of the model's own general behaviour.
+    calibration_answers: int = 1
 
     @property
     def projectors_key(self) -> str:
-        """Arms with the same key share one calibration (the rule and the constrained modules decide it)."""
+        """Arms with the same key share one calibration (the rule, constrained modules and data decide it)."""
         threshold = self.energy if self.rule == "energy" else self.alpha
-        return f"{self.rule}-{threshold:.0e}-max{self.max_null_dim}-{'mlp' if self.constrained else 'all'}"
+        key = f"{self.rule}-{threshold:.0e}-max{self.max_null_dim}-{'mlp' if self.constrained else 'all'}"
+        return key + (f"-answers{self.calibration_answers}" if self.calibration_answers > 1 else "")
 
     @property
     def label(self) -> str:
@@ -93,28 +101,36 @@ class Arm:
             parts.append(f"r={self.lora_r}")
         if self.constrained:
             parts.append("MLP-only")
+        if self.calibration_answers > 1:
+            parts.append(f"{self.calibration_answers} answers/prompt")
         return " ".join(parts)
 
 
-# The main comparison: every arm at the GRPO run's learning rate, and NSPO at the learning rate the front chose.
+# The main comparison: every arm at the GRPO run's learning rate (the two-line change), and NSPO at the learning rate
+# the front chose (the null space carries a small share of the safety gradient, so NSPO needs a larger step).
 MAIN_ARMS = (
     Arm("grpo", "grpo"),
     Arm("nspo", "nspo"),
     Arm("grad_only", "grad_only"),
     Arm("nspo_lr2e-2", "nspo", learning_rate=2e-2),
 )
+# One setting changed at a time around NSPO at lr 2e-2; GRPO at lower learning rates as the reference front.
 FRONT_ARMS = (
     Arm("nspo_lr5e-3", "nspo", learning_rate=5e-3),
-    Arm("nspo_eps1e-2_lr5e-3", "nspo", learning_rate=5e-3, energy=1e-2),
-    Arm("nspo_eps1e-4_lr5e-3", "nspo", learning_rate=5e-3, energy=1e-4),
-    Arm("nspo_alpha1e-3_lr5e-3", "nspo", learning_rate=5e-3, rule="relative", alpha=1e-3),
-    Arm("nspo_max64_lr5e-3", "nspo", learning_rate=5e-3, max_null_dim=64),
-    Arm("nspo_uncapped_lr5e-3", "nspo", learning_rate=5e-3, max_null_dim=None),
-    Arm("nspo_mlp_lr5e-3", "nspo", learning_rate=5e-3, constrained=tuple(MLP_MODULES)),
-    Arm("nspo_r16_lr5e-3", "nspo", learning_rate=5e-3, lora_r=16),
-    Arm("grpo_lr5e-3", "grpo", learning_rate=5e-3),
-    Arm("grpo_lr5e-4", "grpo", learning_rate=5e-4),
+    Arm("nspo_lr1e-2", "nspo", learning_rate=1e-2),
+    Arm("nspo_lr3e-2", "nspo", learning_rate=3e-2),
+    Arm("nspo_lr5e-2", "nspo", learning_rate=5e-2),
+    Arm("nspo_eps1e-2_lr2e-2", "nspo", learning_rate=2e-2, energy=1e-2),
+    Arm("nspo_eps1e-4_lr2e-2", "nspo", learning_rate=2e-2, energy=1e-4),
+    Arm("nspo_alpha1e-3_lr2e-2", "nspo", learning_rate=2e-2, rule="relative", alpha=1e-3),
+    Arm("nspo_max64_lr2e-2", "nspo", learning_rate=2e-2, max_null_dim=64),
+    Arm("nspo_uncapped_lr2e-2", "nspo", learning_rate=2e-2, max_null_dim=None),
+    Arm("nspo_mlp_lr2e-2", "nspo", learning_rate=2e-2, constrained=tuple(MLP_MODULES)),
+    Arm("nspo_r16_lr2e-2", "nspo", learning_rate=2e-2, lora_r=16),
     Arm("grpo_lr1e-3", "grpo", learning_rate=1e-3),
+    Arm("grpo_lr5e-4", "grpo", learning_rate=5e-4),
+    Arm("nspo_answers8_lr2e-2", "nspo", learning_rate=2e-2, calibration_answers=8),
+    Arm("nspo_answers8_lr3e-2", "nspo", learning_rate=3e-2, calibration_answers=8),
 )
 ARMS = {arm.key: arm for arm in MAIN_ARMS + FRONT_ARMS}
 
@@ -127,6 +143,7 @@ METRICS = (
     ("general_accuracy", "general: checkable answers right (↑)", ".3f"),
     ("reward_last", "training reward, last 10 steps (↑)", ".3f"),
     ("kept_gradient_fraction", "kept-gradient fraction ‖g·P‖/‖g‖", ".3f"),
+    ("calibration_output_change", "output change on calibration inputs ‖ΔW·K‖/‖W·K‖", ".2e"),
     ("train_seconds", "training wall time (s)", ".0f"),
 )
 QUICK_SETTINGS = {"seeds": [0], "max_steps": 2, "max_completion_length": 8, "eval_num_samples": 4}
@@ -146,7 +163,7 @@ class SafetyGainArguments:
             Train nothing: print the tables and write the summary and plot from the runs file.
         seeds (`list[int]`, *optional*, defaults to `[0, 1, 2]`):
             Seeds; every arm is trained once per seed.
-        max_steps (`int`, *optional*, defaults to `50`):
+        max_steps (`int`, *optional*, defaults to `16`):
             Optimizer steps per run.
         num_generations (`int`, *optional*, defaults to `8`):
             Completions per prompt (one prompt per step).
@@ -168,7 +185,7 @@ class SafetyGainArguments:
     front: bool = field(default=False, metadata={"help": "Train the front's arms."})
     report: bool = field(default=False, metadata={"help": "Only report from the runs file."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds."})
-    max_steps: int = field(default=50, metadata={"help": "Optimizer steps per run."})
+    max_steps: int = field(default=16, metadata={"help": "Optimizer steps per run."})
     num_generations: int = field(default=8, metadata={"help": "Completions per prompt."})
     max_completion_length: int = field(default=24, metadata={"help": "Tokens per sampled completion."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: if supported)."})
@@ -264,10 +281,14 @@ def train_and_evaluate(arguments: SafetyGainArguments, arm: Arm, seed: int, mode
         config = {key: value for key, value in config.items() if key not in NSPO_ONLY_FIELDS}
         trainer = GRPOTrainer(str(model_path), RefusalReward(), GRPOConfig(**config), **common)
     else:
+        calibration = embedded_prompts("general_calibration")
+        if arm.calibration_answers > 1:
+            calibration = sampled_calibration(model_path, arm.calibration_answers, Path(arguments.runs_file).parent)
         nspo = NSPOConfig(
             **config,
-            calibration_num_samples=80,
-            calibration_completion_length=16,
+            calibration_num_samples=len(calibration),
+            calibration_generate_completions=arm.calibration_answers == 1,
+            calibration_completion_length=CALIBRATION_ANSWER_TOKENS,
             calibration_batch_size=16,
             null_space_rule=arm.rule,
             null_space_energy=arm.energy,
@@ -284,7 +305,7 @@ def train_and_evaluate(arguments: SafetyGainArguments, arm: Arm, seed: int, mode
                 str(model_path),
                 RefusalReward(),
                 nspo,
-                calibration_dataset=embedded_prompts("general_calibration"),
+                calibration_dataset=calibration,
                 **common,
             )
         except NullSpaceError as error:
@@ -301,6 +322,11 @@ def train_and_evaluate(arguments: SafetyGainArguments, arm: Arm, seed: int, mode
     record["reward_curve"] = [entry["reward"] for entry in history if "reward" in entry]
     kept = [entry["nspo/kept_gradient_fraction"] for entry in history if "nspo/kept_gradient_fraction" in entry]
     record["kept_gradient_curve"] = kept
+    # The output change on the calibration inputs (the trainer's sketch): with the drift on held-out prompts it tells
+    # a rule's floor (large on both) from a null space that does not generalise (small here, large there).
+    record["preservation_error_curve"] = [
+        entry["nspo/preservation_error"] for entry in history if "nspo/preservation_error" in entry
+    ]
     if by_kind is not None:
         record["kept_gradient_by_kind"] = by_kind.fractions()
     started = time.perf_counter()
@@ -313,9 +339,46 @@ def train_and_evaluate(arguments: SafetyGainArguments, arm: Arm, seed: int, mode
         "safety_gain": metrics["refusal_rate_harmful"] - base["metrics"]["refusal_rate_harmful"],
         "reward_last": statistics.fmean(record["reward_curve"][-10:]),
         "kept_gradient_fraction": statistics.fmean(kept) if kept else None,
+        "calibration_output_change": (record["preservation_error_curve"] or [None])[-1],
         "train_seconds": record["train_seconds"],
     }
     return record
+
+
+@torch.no_grad()
+def sampled_calibration(model_path: Path, answers_per_prompt: int, cache_dir: Path) -> Dataset:
+    """
+    The embedded general calibration prompts, each as `answers_per_prompt` conversations: the base model's greedy
+    answer (what NSPOTrainer's own calibration appends) and `answers_per_prompt - 1` answers sampled at temperature 1,
+    each of ≤ `CALIBRATION_ANSWER_TOKENS` tokens. Cached as JSON lines beside the runs file (sampling is seeded).
+    """
+    cache = cache_dir / "tmp" / f"calibration_answers{answers_per_prompt}.jsonl"
+    if not cache.is_file():
+        from transformers import AutoModelForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        conversations = embedded_prompts("general_calibration")["prompt"]
+        greedy = greedy_answers(model, tokenizer, conversations, CALIBRATION_ANSWER_TOKENS)
+        set_seed(0)
+        rows = []
+        for conversation, greedy_answer in zip(conversations, greedy, strict=True):
+            prompt_ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt")
+            sampled = model.generate(
+                **prompt_ids,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=CALIBRATION_ANSWER_TOKENS,
+                num_return_sequences=answers_per_prompt - 1,
+            )
+            width = prompt_ids["input_ids"].shape[1]
+            answers = [greedy_answer, *tokenizer.batch_decode(sampled[:, width:], skip_special_tokens=True)]
+            rows.extend({"messages": [*conversation, {"role": "assistant", "content": a.strip()}]} for a in answers)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return Dataset.from_list([json.loads(line) for line in cache.read_text().splitlines()])
 
 
 def base_evaluation(arguments: SafetyGainArguments, model_path: Path) -> dict:
@@ -367,7 +430,7 @@ def summarise(runs: list[dict]) -> dict:
             "label": Arm(**arm_runs[0]["arm_settings"]).label,
             "seeds": [run["seed"] for run in trained],
             "refused": [run["refused"] for run in arm_runs if "refused" in run],
-            **{metric: mean_ci(run["metrics"][metric] for run in trained) for metric, _, _ in METRICS},
+            **{metric: mean_ci(run["metrics"].get(metric) for run in trained) for metric, _, _ in METRICS},
         }
         kinds = [run.get("kept_gradient_by_kind") for run in trained if run.get("kept_gradient_by_kind")]
         if kinds:
@@ -422,8 +485,9 @@ def print_table(base: dict, summary: dict, keys: list[str]) -> str:
     return text
 
 
-def plot_front(summary: dict, base: dict, path: Path) -> Path | None:
-    """Safety gain against general drift (next-token KL), one point per setting, GRPO and grad-only as references."""
+def plot_front(summary: dict, runs: list[dict], base: dict, path: Path) -> Path | None:
+    """Safety gain against general drift (next-token KL), one marker per setting (mean over seeds) with its seeds' runs
+    as small dots; GRPO (squares) and grad-only (diamonds) as references."""
     try:
         import matplotlib
 
@@ -432,30 +496,40 @@ def plot_front(summary: dict, base: dict, path: Path) -> Path | None:
     except ImportError:
         print("matplotlib is not installed (pip install matplotlib): no plot.")
         return None
-    figure, axis = plt.subplots(figsize=(8, 5.5))
+    figure, axis = plt.subplots(figsize=(9, 6))
     for index, (key, row) in enumerate(summary.items()):
         if row["general_kl"]["mean"] is None:
             continue
-        settings = ARMS[key] if key in ARMS else None
-        method = settings.method if settings else "nspo"
+        method = Arm(**next(run["arm_settings"] for run in runs if run["arm"] == key)).method
         marker = {"grpo": "s", "grad_only": "D"}.get(method, "o")
         color = {"grpo": "black", "grad_only": "grey"}.get(method, f"C{index % 10}")
-        axis.errorbar(
+        seeds = [run["metrics"] for run in runs if run["arm"] == key and "metrics" in run]
+        axis.scatter(
+            [max(m["general_kl"], 1e-7) for m in seeds],
+            [m["safety_gain"] for m in seeds],
+            s=12,
+            marker=marker,
+            color=color,
+            alpha=0.35,
+        )
+        axis.scatter(
             max(row["general_kl"]["mean"], 1e-7),
             row["safety_gain"]["mean"],
-            yerr=row["safety_gain"]["ci95"],
-            fmt=marker,
+            s=70,
+            marker=marker,
             color=color,
+            edgecolors="white",
             label=f"{row['label']} (n={row['safety_gain']['n']})",
         )
     axis.set_xscale("log")
+    axis.set_ylim(-0.15, 1.05)
     axis.set_xlabel("general drift: next-token KL to base on held-out general prompts (log)")
     axis.set_ylabel("safety gain: Δ refusal rate on held-out harmful prompts")
     axis.axhline(0.0, color="lightgrey", linewidth=0.8)
-    axis.legend(fontsize=7, loc="best")
+    axis.legend(fontsize=7, loc="upper left")
     axis.set_title(
-        f"SmolLM2-135M-Instruct, LoRA on all linear layers; base refusal {base['metrics']['refusal_rate_harmful']:.3f}"
-        "\nerror bars: 95% CI over seeds where n > 1",
+        f"SmolLM2-135M-Instruct, LoRA r=8 on all linear layers, 16 steps; base refusal "
+        f"{base['metrics']['refusal_rate_harmful']:.3f}\nlarge markers: mean over seeds; small: single runs",
         fontsize=9,
     )
     figure.tight_layout()
@@ -492,7 +566,7 @@ def report(arguments: SafetyGainArguments, base: dict) -> dict:
                 f"{share['general_kl_share']:.2%} of its KL drift (seeds {share['seeds']})"
             )
     name = "safety_gain_quick" if arguments.quick else "safety_gain"
-    plot = plot_front(summary, base, results_path(name, False).with_suffix(".png"))
+    plot = plot_front(summary, runs, base, results_path(name, False).with_suffix(".png"))
     result["plot"] = str(plot) if plot else None
     write_results(results_path(name, False), result)
     return result
