@@ -205,7 +205,7 @@ def summarise(records: list[dict]) -> dict:
 
 def print_table(summary: dict) -> None:
     columns = ["step", *PARTS, "nspo_projections", "rest", "speedup_vs_old_demo"]
-    print(f"{'setting (median s per step)':28}" + "".join(f"{c:>18}" for c in columns))
+    print(f"{'setting (median s per step)':28}" + "".join(f"{c:>21}" for c in columns))
     for key, parts in summary.items():
         cells = "".join(f"{parts[c]:>18.2f}" if c != "speedup_vs_old_demo" else f"{parts[c]:>17.2f}×" for c in columns)
         print(f"{key:28}{cells}")
