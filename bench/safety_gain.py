@@ -96,7 +96,7 @@ class Arm:
         rule = f"α={self.alpha:.0e}" if self.rule == "relative" else f"ε={self.energy:.0e}"
         parts = [("NSPO grad-only" if self.method == "grad_only" else "NSPO"), rule, f"lr={self.learning_rate:.0e}"]
         if self.max_null_dim != 128:
-            parts.append(f"max {self.max_null_dim}")
+            parts.append("uncapped" if self.max_null_dim is None else f"max {self.max_null_dim}")
         if self.lora_r != 8:
             parts.append(f"r={self.lora_r}")
         if self.constrained:
@@ -485,6 +485,50 @@ def print_table(base: dict, summary: dict, keys: list[str]) -> str:
     return text
 
 
+FRONT_COLUMNS = (
+    ("safety_gain", "safety gain", ".3f"),
+    ("over_refusal_rate_benign", "over-refusal", ".3f"),
+    ("general_kl", "KL to base", ".2e"),
+    ("greedy_agreement", "greedy unchanged", ".3f"),
+    ("general_accuracy", "checkable right", ".3f"),
+    ("kept_gradient_fraction", "kept gradient", ".3f"),
+)
+
+
+def front_markdown(runs: list[dict], base: dict, seed: int = 0) -> str:
+    """
+    One markdown row per setting, from its run with `seed` (the front's settings are trained on one seed, so every row
+    compares runs that saw the same prompts), sorted by drift; a refused setting says why.
+    """
+    summary = summarise([run for run in runs if run["seed"] == seed])
+    header = "| setting | " + " | ".join(label for _, label, _ in FRONT_COLUMNS) + " |"
+    lines = [header, "|---|" + "---|" * len(FRONT_COLUMNS)]
+    base_cells = [
+        f"{base['metrics'].get(metric, 0.0 if metric == 'safety_gain' else None) or 0.0:{spec}}"
+        if metric not in ("kept_gradient_fraction",)
+        else ""
+        for metric, _, spec in FRONT_COLUMNS
+    ]
+    lines.append("| base model | " + " | ".join(base_cells) + " |")
+
+    def drift(key: str) -> float:
+        mean = summary[key]["general_kl"]["mean"]
+        return float("inf") if mean is None else mean
+
+    for key in sorted(summary, key=drift):
+        row = summary[key]
+        if not row["seeds"]:
+            reason = row["refused"][0].split(":")[0] if row["refused"] else "no run"
+            lines.append(f"| {row['label']} | refused: {reason} |" + " |" * (len(FRONT_COLUMNS) - 1))
+            continue
+        cells = [
+            "n/a" if row[metric]["mean"] is None else f"{row[metric]['mean']:{spec}}"
+            for metric, _, spec in FRONT_COLUMNS
+        ]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_front(summary: dict, runs: list[dict], base: dict, path: Path) -> Path | None:
     """Safety gain against general drift (next-token KL), one marker per setting (mean over seeds) with its seeds' runs
     as small dots; GRPO (squares) and grad-only (diamonds) as references."""
@@ -544,12 +588,9 @@ def report(arguments: SafetyGainArguments, base: dict) -> dict:
     main_keys = [arm.key for arm in MAIN_ARMS if arm.key in summary]
     print("\nMain comparison")
     table = print_table(base, summary, main_keys)
-    print("\nFront (one row per setting)")
-    front_table = (
-        print_table(base, summary, [key for key in summary if key not in main_keys])
-        if len(summary) > len(main_keys)
-        else ""
-    )
+    print("\nFront, seed 0 (one row per setting; markdown)")
+    front_table = front_markdown(runs, base)
+    print(front_table)
     result = {
         "settings": arguments.settings(),
         "environment": environment(),
