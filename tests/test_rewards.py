@@ -79,22 +79,22 @@ class FakeGuardServer:
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                     should_fail = fake.failures_before_success > 0
                     fake.failures_before_success -= should_fail
-                try:
-                    time.sleep(fake.response_delay)
-                    if self.path != "/v1/chat/completions":
-                        self._send(404, {"error": f"no route {self.path}"})
-                    elif should_fail:
-                        self._send(500, {"error": "engine overloaded"})
-                    elif fake.mode == "garbage":
-                        self._send(
-                            200, {"choices": [{"message": {"role": "assistant", "content": "Looks fine to me"}}]}
-                        )
-                    else:
-                        answer = "unsafe\nS1,S9" if "bomb" in body["messages"][-1]["content"] else "safe"
-                        self._send(200, {"choices": [{"message": {"role": "assistant", "content": answer}}]})
-                finally:
-                    with fake.lock:
-                        fake.in_flight -= 1
+                time.sleep(fake.response_delay)
+                if self.path != "/v1/chat/completions":
+                    status, payload = 404, {"error": f"no route {self.path}"}
+                elif should_fail:
+                    status, payload = 500, {"error": "engine overloaded"}
+                elif fake.mode == "garbage":
+                    message = {"role": "assistant", "content": "Looks fine to me"}
+                    status, payload = 200, {"choices": [{"message": message}]}
+                else:
+                    answer = "unsafe\nS1,S9" if "bomb" in body["messages"][-1]["content"] else "safe"
+                    status, payload = 200, {"choices": [{"message": {"role": "assistant", "content": answer}}]}
+                # Out of flight before the answer leaves: once the client has it, it may send the next request, which
+                # must not find this one still counted (on a loaded machine it did: 4 in flight with a limit of 3).
+                with fake.lock:
+                    fake.in_flight -= 1
+                self._send(status, payload)
 
             def _send(self, status, payload):
                 data = json.dumps(payload).encode()
