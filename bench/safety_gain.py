@@ -529,6 +529,25 @@ def front_markdown(runs: list[dict], base: dict, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
+def per_seed_markdown(runs: list[dict], keys: list[str]) -> str:
+    """Safety gain / over-refusal / KL of every run of `keys`, one row per seed: the spread the means hide."""
+    seeds = sorted({run["seed"] for run in runs if run["arm"] in keys})
+    by_arm_seed = {(run["arm"], run["seed"]): run["metrics"] for run in runs if "metrics" in run}
+    lines = ["| seed | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for seed in seeds:
+        cells = []
+        for key in keys:
+            metrics = by_arm_seed.get((key, seed))
+            cells.append(
+                ""
+                if metrics is None
+                else f"{metrics['safety_gain']:+.3f} / {metrics['over_refusal_rate_benign']:.3f} / "
+                f"{metrics['general_kl']:.1e}"
+            )
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_front(summary: dict, runs: list[dict], base: dict, path: Path) -> Path | None:
     """Safety gain against general drift (next-token KL), one marker per setting (mean over seeds) with its seeds' runs
     as small dots; GRPO (squares) and grad-only (diamonds) as references."""
@@ -591,6 +610,9 @@ def report(arguments: SafetyGainArguments, base: dict) -> dict:
     print("\nFront, seed 0 (one row per setting; markdown)")
     front_table = front_markdown(runs, base)
     print(front_table)
+    print("\nPer seed: safety gain / over-refusal / KL to base (markdown)")
+    seed_table = per_seed_markdown(runs, main_keys)
+    print(seed_table)
     result = {
         "settings": arguments.settings(),
         "environment": environment(),
@@ -599,6 +621,7 @@ def report(arguments: SafetyGainArguments, base: dict) -> dict:
         "shares": {key: shares(runs, key) for key in summary if key != "grpo"},
         "table": table,
         "front_table": front_table,
+        "per_seed_table": seed_table,
     }
     for key, share in result["shares"].items():
         if share.get("safety_gain_share") is not None:
