@@ -54,7 +54,8 @@ class NSPOConfig(GRPOConfig):
             every direction the rule selects.
         nspo_target_modules (`list[str]`, *optional*):
             Modules to constrain (name suffixes, or one full-match regex). `None`: every LoRA-adapted linear layer,
-            or with full fine-tuning every linear layer except the LM head.
+            or with full fine-tuning every `nn.Linear` and GPT-2-style `Conv1D` except the LM head (the output
+            embedding; see the README's refusals).
         projectors_path (`str`, *optional*):
             Projector file (or directory); defaults to `output_dir`. If a projector file is there, it is loaded and
             validated against the model (config and every base weight), the null-space rule and, when given,
