@@ -1,6 +1,7 @@
 """End-to-end tests of NSPOTrainer on the tiny offline model: the null-space guarantee, and what is refused."""
 
 import json
+import logging
 import math
 import shutil
 import textwrap
@@ -32,6 +33,7 @@ from trl_nspo.calibration import (
     pad_token_id,
 )
 from trl_nspo.constraint import UnsupportedSetupError
+from trl_nspo.nspo_trainer import SMALL_KEPT_GRADIENT_FRACTION
 
 CALIBRATION = Dataset.from_dict(
     {
@@ -45,6 +47,8 @@ TRAIN = Dataset.from_dict({"prompt": [[{"role": "user", "content": "How can I ma
 # Fewer calibration tokens than the tiny model's input sizes, and a threshold that keeps only the exact kernel:
 # the "threshold floor" is then zero and the preservation error measures the method alone.
 EXACT_KERNEL_ALPHA = 1e-10
+# 200 distinct tokens: every input direction of the tiny model carries general energy (as on a real model).
+SPANNING_CALIBRATION = Dataset.from_dict({"text": [" ".join(f"w{i}" for i in range(200))]})
 
 
 def length_reward(completions, **kwargs):
@@ -269,6 +273,42 @@ class TestPreservation:
 
 @pytest.mark.slow
 class TestLogging:
+    @pytest.mark.parametrize(
+        "calibration, rule, warned",
+        [
+            # 200 distinct tokens span the tiny model's inputs, and 2 null dimensions of 64 or 128 keep little of
+            # the gradient.
+            (SPANNING_CALIBRATION, {"null_space_rule": "energy", "null_space_max_dim": 2}, True),
+            # Fewer calibration tokens than input dimensions: a large exact kernel keeps most of it.
+            (CALIBRATION, {}, False),
+        ],
+    )
+    def test_a_null_space_that_keeps_little_of_the_gradient_is_warned_about_once(
+        self, tiny_model_dir, tmp_path, caplog, calibration, rule, warned
+    ):
+        trainer = build_nspo(
+            tiny_model_dir,
+            tmp_path,
+            peft_config=lora(r=2),
+            calibration=calibration,
+            calibration_max_length=200,
+            **rule,
+        )
+        with caplog.at_level(logging.WARNING, logger="trl_nspo.nspo_trainer"):
+            trainer.train()
+        kept = [
+            e["nspo/kept_gradient_fraction"] for e in trainer.state.log_history if "nspo/kept_gradient_fraction" in e
+        ]
+        first = next(fraction for fraction in kept if fraction > 0)
+        warnings_given = [r.getMessage() for r in caplog.records if "of the gradient of the constrained" in r.message]
+        assert (first < SMALL_KEPT_GRADIENT_FRACTION) == warned
+        if warned:
+            assert len(warnings_given) == 1
+            assert warnings_given[0].startswith(f"Only {100 * first:.0f}% of the gradient")
+            assert "raise `learning_rate`" in warnings_given[0]
+        else:
+            assert warnings_given == []
+
     def test_last_steps_metrics_are_logged_when_the_run_ends_in_eval_mode(self, tiny_model_dir, tmp_path):
         # Step 3 is not a logging step, so its metrics go to the summary log, which fires after the evaluation at the
         # last step has left the model in eval mode.

@@ -42,6 +42,9 @@ from .projectors import (
 )
 
 logger = logging.getLogger(__name__)
+# Below this share of the gradient in the null spaces, the constrained update is much smaller than GRPO's at the same
+# learning rate; SmolLM2-135M's was about 0.1 at the default rule (BENCHMARKS.md section 4).
+SMALL_KEPT_GRADIENT_FRACTION = 0.25
 
 
 class HubUnreachableError(ConnectionError):
@@ -173,6 +176,7 @@ class NSPOTrainer(GRPOTrainer):
         if not args.gradient_projection_only:
             self.constraint.project_parameters()
             self.add_callback(_ReprojectAfterOptimizerStep(self))
+        self._warned_small_kept_fraction = False
         null_dims = self.projectors.null_dims()
         self._nspo_start_logs = {
             "nspo/null_dim_min": min(null for null, _ in null_dims.values()),
@@ -283,7 +287,23 @@ class NSPOTrainer(GRPOTrainer):
                     "`learning_rate`, `max_grad_norm` set, or float32/bf16 instead of float16 weights."
                 )
             self._metrics["train"]["nspo/kept_gradient_fraction"].append(kept_fraction)
+            if kept_fraction > 0 and not self._warned_small_kept_fraction:
+                self._warn_if_the_null_space_keeps_little(kept_fraction)
         return loss
+
+    def _warn_if_the_null_space_keeps_little(self, kept_fraction: float) -> None:
+        # Once per run, at the first step with a gradient (lora_A has none while lora_B is still zero).
+        self._warned_small_kept_fraction = True
+        if kept_fraction < SMALL_KEPT_GRADIENT_FRACTION:
+            logger.warning(
+                "Only %.0f%% of the gradient of the constrained weights lies in their null spaces (step %d), so at "
+                "this learning rate NSPO's constrained update is about that share of what GRPO's would be. On "
+                "SmolLM2-135M NSPO learned no refusal at GRPO's learning rate and needed about 10x (README, 'Is it as "
+                "safe as GRPO?'): raise `learning_rate` if the reward does not move, and watch "
+                "`nspo/kept_gradient_fraction`.",
+                100 * kept_fraction,
+                self.state.global_step + 1,
+            )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # GRPOTrainer logs the metrics of the model's mode, but the summary log ending `train()` fires after any
