@@ -3,10 +3,9 @@ from unittest import mock
 
 import yaml
 from peft import PeftModel
-from test_trainer import CALIBRATION, TRAIN, config, length_reward, lora
+from test_trainer import build_nspo, lora
 from transformers import AutoModelForCausalLM
 
-from trl_nspo import NSPOConfig, NSPOTrainer
 from trl_nspo.model_card import render_model_card
 from trl_nspo.projectors import PROJECTORS_FILE_NAME
 
@@ -16,14 +15,7 @@ def card_metadata(text: str) -> dict:
 
 
 def test_card_has_hub_metadata_null_space_table_and_evaluation(tiny_model_dir, tmp_path):
-    trainer = NSPOTrainer(
-        str(tiny_model_dir),
-        length_reward,
-        NSPOConfig(**config(tmp_path, max_steps=1)),
-        train_dataset=TRAIN,
-        calibration_dataset=CALIBRATION,
-        peft_config=lora(),
-    )
+    trainer = build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), max_steps=1)
     card = render_model_card(
         trainer.projectors,
         model_name="tiny-nspo",
@@ -52,14 +44,7 @@ def test_card_has_hub_metadata_null_space_table_and_evaluation(tiny_model_dir, t
 
 
 def test_saved_folder_loads_without_trl_nspo_and_push_uploads_it(tiny_model_dir, tmp_path):
-    trainer = NSPOTrainer(
-        str(tiny_model_dir),
-        length_reward,
-        NSPOConfig(**config(tmp_path, max_steps=1, hub_model_id="someone/tiny-nspo")),
-        train_dataset=TRAIN,
-        calibration_dataset=CALIBRATION,
-        peft_config=lora(),
-    )
+    trainer = build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), max_steps=1, hub_model_id="someone/tiny-nspo")
     trainer.train()
     api = mock.Mock()
     api.create_repo.return_value.repo_id = "someone/tiny-nspo"
@@ -87,14 +72,7 @@ def test_saved_folder_loads_without_trl_nspo_and_push_uploads_it(tiny_model_dir,
 def test_card_of_a_locally_loaded_base_model_has_no_placeholder_and_the_file_size_on_disk(
     tiny_model_dir, tmp_path, capsys
 ):
-    trainer = NSPOTrainer(
-        str(tiny_model_dir),
-        length_reward,
-        NSPOConfig(**config(tmp_path, max_steps=1)),
-        train_dataset=TRAIN,
-        calibration_dataset=CALIBRATION,
-        peft_config=lora(),
-    )
+    trainer = build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), max_steps=1)
     projectors_file = tmp_path / "out" / PROJECTORS_FILE_NAME
     size = projectors_file.stat().st_size / 2**20
     # Seen when written, before anything could be pushed.
@@ -112,14 +90,7 @@ def test_card_of_a_locally_loaded_base_model_has_no_placeholder_and_the_file_siz
 
 
 def test_base_model_hub_id_recorded_by_the_adapter_names_it_in_card_and_adapter_config(tiny_model_dir, tmp_path):
-    trainer = NSPOTrainer(
-        str(tiny_model_dir),
-        length_reward,
-        NSPOConfig(**config(tmp_path, max_steps=1)),
-        train_dataset=TRAIN,
-        calibration_dataset=CALIBRATION,
-        peft_config=lora(),
-    )
+    trainer = build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), max_steps=1)
     trainer.model.active_peft_config.base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     trainer.save_model()
     trainer.create_model_card()
