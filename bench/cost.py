@@ -67,7 +67,6 @@ from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceRule
 from trl_nspo.calibration import (
     calibration_token_sequences,
     eval_mode,
-    find_constrained_modules,
     layer_input_covariances,
     pad_token_id,
     right_padded_batches,
@@ -76,6 +75,7 @@ from trl_nspo.data import demo_safety_dataset, embedded_prompts
 from trl_nspo.demo import DemoArguments
 from trl_nspo.projectors import PROJECTORS_FILE_NAME
 from trl_nspo.rewards import RefusalReward
+from trl_nspo.targets import find_constrained_modules
 
 QUICK_SETTINGS = {
     "steps": 3,

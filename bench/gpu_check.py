@@ -52,14 +52,13 @@ from trl import GRPOConfig, GRPOTrainer
 from trl_nspo import NSPOConfig, NSPOTrainer, compute_projectors
 from trl_nspo.calibration import (
     CalibrationSettings,
-    base_linear,
     calibration_token_sequences,
-    find_constrained_modules,
     layer_input_covariances,
     pad_token_id,
 )
 from trl_nspo.data import demo_safety_dataset, embedded_prompts
 from trl_nspo.rewards import RefusalReward, completion_text
+from trl_nspo.targets import base_linear, find_constrained_modules
 
 MODES = ("bf16", "qlora")
 REWARDS = ("refusal", "length")

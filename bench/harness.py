@@ -37,10 +37,8 @@ from trl import GRPOConfig
 from trl_nspo import NSPOConfig, NullSpaceProjectors, NullSpaceRule
 from trl_nspo.calibration import (
     CalibrationSettings,
-    base_linear,
     calibration_record,
     calibration_token_sequences,
-    find_constrained_modules,
     layer_input_covariances,
     model_fingerprint,
     pad_token_id,
@@ -52,6 +50,7 @@ from trl_nspo.evaluation import EvaluationPrompts
 from trl_nspo.null_space import CovarianceAccumulator, NullSpaceBasis, decompose_covariance
 from trl_nspo.projectors import ProjectorGroup
 from trl_nspo.smollm2 import prepare_smollm2
+from trl_nspo.targets import base_linear, find_constrained_modules
 
 RESULTS_DIR = Path(__file__).parent / "results"
 # The rule of the main comparison (README, "Choosing the null-space rule"): 99.9% of each layer's general-input energy

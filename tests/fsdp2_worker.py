@@ -35,12 +35,11 @@ from transformers.distributed import DistributedConfig
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceBasis, NullSpaceConstraint, NullSpaceRule, compute_projectors
 from trl_nspo.calibration import (
     CalibrationSettings,
-    base_linear,
     calibration_token_sequences,
-    find_constrained_modules,
     layer_input_covariances,
     pad_token_id,
 )
+from trl_nspo.targets import base_linear, find_constrained_modules
 
 # A rank of 3 over 2 ranks gives uneven shards: 2 rows of every lora_A on rank 0, 1 on rank 1.
 LORA_RANK = 3
@@ -106,9 +105,9 @@ def train(model_dir: Path, mesh: DeviceMesh, variant: str) -> dict:
         covariances.update(dict.fromkeys(names, accumulator.sum))
     projectors = compute_projectors(model, tokenizer, CALIBRATION, SETTINGS, RULE, show_progress=False)
     bases = projectors.basis_by_module()
-    # As NSPOTrainer does in `__init__`, before Accelerate prepares (here: shards) the model.
+    # Bound before the model is sharded, as NSPOTrainer does in `__init__`, and (unlike NSPOTrainer) never again.
     constraint = NullSpaceConstraint(model, projectors)
-    constraint.project_parameters()
+    constraint.bind(model)
 
     shard(model, mesh)
     modules = find_constrained_modules(model)

@@ -2,7 +2,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import build_tiny_gpt2
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
@@ -10,13 +9,12 @@ from trl_nspo.calibration import (
     CalibrationSettings,
     calibration_record,
     calibration_token_sequences,
-    canonical_module_name,
     compute_projectors,
-    find_constrained_modules,
     layer_input_covariances,
     model_fingerprint,
 )
 from trl_nspo.null_space import NullSpaceError, NullSpaceRule
+from trl_nspo.targets import find_constrained_modules
 
 CHAT_PROMPTS = [
     [{"role": "user", "content": "What is 12 times 7?"}],
@@ -37,53 +35,6 @@ def covariances(model, tokenizer, sequences, settings=NO_COMPLETIONS):
             model, modules, sequences, tokenizer.pad_token_id, settings, show_progress=False
         )
     }
-
-
-class TestConstrainedModules:
-    def test_full_model_constrains_every_linear_layer_but_the_lm_head(self, tiny_model):
-        names = list(find_constrained_modules(tiny_model))
-        assert len(names) == 14
-        assert "lm_head" not in names and "model.layers.1.mlp.down_proj" in names
-
-    def test_peft_model_constrains_lora_layers_under_canonical_names(self, tiny_model):
-        peft_model = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
-        names = list(find_constrained_modules(peft_model))
-        assert names == [
-            "model.layers.0.self_attn.q_proj",
-            "model.layers.0.mlp.down_proj",
-            "model.layers.1.self_attn.q_proj",
-            "model.layers.1.mlp.down_proj",
-        ]
-
-    def test_targets_filter_by_suffix_or_regex(self, tiny_model):
-        assert len(find_constrained_modules(tiny_model, ["gate_proj", "up_proj"])) == 4
-        assert list(find_constrained_modules(tiny_model, r".*layers\.0\.mlp\.down_proj")) == [
-            "model.layers.0.mlp.down_proj"
-        ]
-
-    def test_non_linear_target_is_refused(self, tiny_model):
-        with pytest.raises(NullSpaceError, match="only constrain linear layers.*embed_tokens"):
-            find_constrained_modules(tiny_model, ["embed_tokens", "q_proj"])
-
-    def test_targeted_output_embedding_is_refused_with_the_reason(self, tiny_model, tiny_tokenizer):
-        # Before: "NSPO can only constrain linear layers, but these targeted modules are not: ['lm_head']".
-        with pytest.raises(
-            NullSpaceError, match=r"`lm_head` is the output embedding.*constraining it is not implemented"
-        ):
-            find_constrained_modules(tiny_model, ["q_proj", "lm_head"])
-        with pytest.raises(NullSpaceError, match=r"`lm_head` is the output embedding.*tied to the input embeddings"):
-            find_constrained_modules(build_tiny_gpt2(tiny_tokenizer), r".*(c_attn|lm_head)")
-
-    def test_gpt2_conv1d_layers_are_constrained(self, tiny_tokenizer):
-        names = list(find_constrained_modules(build_tiny_gpt2(tiny_tokenizer)))
-        assert len(names) == 8 and "transformer.h.1.mlp.c_fc" in names and "lm_head" not in names
-
-    def test_no_match_is_refused(self, tiny_model):
-        with pytest.raises(NullSpaceError, match="No linear layer to constrain"):
-            find_constrained_modules(tiny_model, ["query_key_value"])
-
-    def test_wrapper_prefixes_are_stripped(self):
-        assert canonical_module_name("module.base_model.model.model.layers.0.mlp") == "model.layers.0.mlp"
 
 
 class TestSequences:

@@ -137,8 +137,8 @@ class TestFSDP2:
             assert report["least_moved_lora_b"] > 0
 
     def test_a_constraint_bound_before_sharding_silently_does_nothing(self, fsdp2_reports):
-        # `fully_shard` replaces every parameter; NSPOTrainer binds its constraint before Accelerate shards the model.
-        # This is why FSDP is refused until the trainer re-binds after `prepare` and projects local shards.
+        # `fully_shard` replaces every parameter: a constraint bound before sharding and never bound again projects
+        # stale tensors. NSPOTrainer binds again after `prepare`; FSDP stays refused until it projects local shards.
         for report in fsdp2_reports:
             stale = report["bound_before_sharding"]
             assert stale["bound_parameters_in_model"] == 0

@@ -19,18 +19,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_nspo.calibration import (
     CalibrationSettings,
-    adapters_disabled,
-    base_linear,
     calibration_token_sequences,
     compute_projectors,
     eval_mode,
-    find_constrained_modules,
     pad_token_id,
     right_padded_batches,
 )
 from trl_nspo.constraint import NullSpaceConstraint
 from trl_nspo.evaluation import float32_model
 from trl_nspo.null_space import NullSpaceRule
+from trl_nspo.targets import adapters_disabled, base_linear, find_constrained_modules
 
 # bfloat16 keeps 8 significant bits: rounding moves each entry by at most 2⁻⁸ of its size.
 BF16_UNIT_ROUNDOFF = 2.0**-8
@@ -216,7 +214,7 @@ class TestPreservationErrorInComputeDtype:
     def test_bf16_autocast_sees_the_floor_the_float32_measurement_does_not(self, constrained):
         model, projectors = constrained
         constraint = NullSpaceConstraint(model, projectors, autocast_dtype=torch.bfloat16)
-        constraint.project_parameters()
+        constraint.bind(model)
         assert constraint.preservation_error()["mean"] <= 1e-6
         in_bf16 = constraint.preservation_error_in_compute_dtype()
         assert 1e-5 < in_bf16["mean"] <= in_bf16["max"] <= BF16_UNIT_ROUNDOFF
@@ -224,7 +222,7 @@ class TestPreservationErrorInComputeDtype:
     def test_float32_computation_adds_nothing(self, constrained):
         model, projectors = constrained
         constraint = NullSpaceConstraint(model, projectors)
-        constraint.project_parameters()
+        constraint.bind(model)
         assert constraint.preservation_error()
         assert constraint.preservation_error_in_compute_dtype() == {}
 
@@ -233,5 +231,6 @@ class TestPreservationErrorInComputeDtype:
         # so the float32 measurement read 2.3e-3 before any step.
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
         constraint = NullSpaceConstraint(model, exact_kernel_projectors(model, tiny_model_dir, MLP), MLP)
+        constraint.bind(model)
         assert constraint.preservation_error() == {"mean": 0.0, "max": 0.0}
         assert constraint.preservation_error_in_compute_dtype() == {"mean": 0.0, "max": 0.0}

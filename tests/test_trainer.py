@@ -26,14 +26,12 @@ from trl_nspo import (
 )
 from trl_nspo.calibration import (
     CalibrationSettings,
-    base_linear,
     calibration_token_sequences,
-    find_constrained_modules,
     layer_input_covariances,
     pad_token_id,
 )
-from trl_nspo.constraint import UnsupportedSetupError
 from trl_nspo.nspo_trainer import SMALL_KEPT_GRADIENT_FRACTION
+from trl_nspo.targets import UnsupportedSetupError, base_linear, find_constrained_modules
 
 CALIBRATION = Dataset.from_dict(
     {

@@ -9,12 +9,13 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .calibration import CalibrationSettings, compute_projectors, find_constrained_modules
-    from .constraint import NullSpaceConstraint, UnsupportedSetupError
+    from .calibration import CalibrationSettings, compute_projectors
+    from .constraint import NullSpaceConstraint
     from .nspo_config import NSPOConfig
     from .nspo_trainer import HubUnreachableError, NSPOTrainer
     from .null_space import NullSpaceBasis, NullSpaceError, NullSpaceRule
     from .projectors import NullSpaceProjectors, ProjectorFileError
+    from .targets import UnsupportedSetupError, find_constrained_modules
 
 __version__ = "0.1.0"
 
@@ -30,9 +31,9 @@ _PUBLIC_NAMES = {
     "NullSpaceProjectors": "projectors",
     "NullSpaceRule": "null_space",
     "ProjectorFileError": "projectors",
-    "UnsupportedSetupError": "constraint",
+    "UnsupportedSetupError": "targets",
     "compute_projectors": "calibration",
-    "find_constrained_modules": "calibration",
+    "find_constrained_modules": "targets",
 }
 
 __all__ = [

@@ -1,9 +1,9 @@
 """Calibration: the inputs each constrained linear layer sees on general-task data, turned into null-space projectors.
 
-This is the only module that knows about forward hooks, attention masks, chat templates, PEFT layer types and
-adapters-off forward passes. The steps follow PEFT's data-driven LoRA initialisations (EVA, CorDA): collect
-statistics with hooks (padding removed with the attention mask) → find layers that read the same input and compute
-their statistics once → eigendecompose → keep the smaller basis.
+This is the only module that knows about forward hooks, attention masks and chat templates (which modules are
+constrained, and how adapters are switched off, is `targets.py`'s). The steps follow PEFT's data-driven LoRA
+initialisations (EVA, CorDA): collect statistics with hooks (padding removed with the attention mask) → find layers
+that read the same input and compute their statistics once → eigendecompose → keep the smaller basis.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -20,20 +19,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from accelerate.utils import is_peft_model
 from datasets import Dataset
-from peft.tuners.lora import LoraLayer
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.pytorch_utils import Conv1D
+from transformers import PreTrainedTokenizerBase
 
 from .null_space import CovarianceAccumulator, NullSpaceBasis, NullSpaceError, NullSpaceRule, decompose_covariance
 from .projectors import ModelFingerprint, NullSpaceProjectors, ProjectorGroup
+from .targets import adapter_tensor_ids, adapters_disabled, base_tensor_name, find_constrained_modules
 
 logger = logging.getLogger(__name__)
-
-_WRAPPER_PREFIXES = ("module.", "base_model.model.", "_orig_mod.")
 
 
 @dataclass(frozen=True)
@@ -83,107 +78,6 @@ class CalibrationSettings:
             raise ValueError(f"Calibration setting `groups_per_pass` must be ≥ 1 or None, got {self.groups_per_pass}.")
 
 
-def canonical_module_name(name: str) -> str:
-    """A module name without DDP/PEFT/compile wrapper prefixes, so projector files work with and without PEFT."""
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, stripped = name[len(prefix) :], True
-    return name
-
-
-def _name_matches(name: str, targets: str | Sequence[str]) -> bool:
-    # Same convention as PEFT's `target_modules`: a string is a full-match regex, a list matches name suffixes.
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == target or name.endswith(f".{target}") for target in targets)
-
-
-def find_constrained_modules(
-    model: nn.Module, target_modules: str | Sequence[str] | None = None
-) -> dict[str, nn.Module]:
-    """
-    The linear modules whose updates NSPO keeps in the null space, by canonical name.
-
-    With a PEFT model, these are the LoRA-adapted linear layers (the update is B·A, and A is projected); otherwise the
-    `nn.Linear` layers (including bitsandbytes ones) and GPT-2-style `Conv1D` layers (linear, with the weight stored
-    transposed), except the output embedding.
-
-    Args:
-        model (`nn.Module`):
-            The model, plain or PEFT-wrapped.
-        target_modules (`str` or `Sequence[str]`, *optional*):
-            Restricts the set: a full-match regex, or module-name suffixes (PEFT's convention). `None` keeps all.
-
-    Returns:
-        `dict[str, nn.Module]`: the LoRA layers (PEFT) or linear layers, in model order.
-    """
-    candidates: dict[str, nn.Module] = {}
-    not_linear: list[str] = []
-    if is_peft_model(model):
-        for name, module in model.named_modules():
-            if isinstance(module, LoraLayer):
-                adapters = [a for a in module.active_adapters if a in module.lora_A]
-                if adapters and isinstance(module.lora_A[adapters[0]], nn.Linear):
-                    candidates[canonical_module_name(name)] = module
-                elif module.active_adapters:
-                    not_linear.append(canonical_module_name(name))
-    else:
-        output_embeddings = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
-        for name, module in model.named_modules():
-            if isinstance(module, (nn.Linear, Conv1D)) and module is not output_embeddings:
-                candidates[canonical_module_name(name)] = module
-            elif target_modules is not None and _name_matches(canonical_module_name(name), target_modules):
-                if len(list(module.children())) == 0 and any(p.requires_grad for p in module.parameters()):
-                    if module is output_embeddings:
-                        raise NullSpaceError(_output_embedding_message(model, canonical_module_name(name)))
-                    not_linear.append(canonical_module_name(name))
-    if target_modules is not None:
-        candidates = {name: module for name, module in candidates.items() if _name_matches(name, target_modules)}
-        not_linear = [name for name in not_linear if _name_matches(name, target_modules)]
-    if not_linear:
-        raise NullSpaceError(
-            f"NSPO can only constrain linear layers, but these targeted modules are not: {not_linear[:6]}. Remove "
-            "them from the LoRA `target_modules` / `nspo_target_modules`."
-        )
-    if not candidates:
-        raise NullSpaceError(
-            f"No linear layer to constrain was found (target modules: {target_modules!r}). With LoRA, check the "
-            "adapter's `target_modules`; otherwise check `nspo_target_modules` against `model.named_modules()`."
-        )
-    return candidates
-
-
-def _output_embedding_message(model: PreTrainedModel, name: str) -> str:
-    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
-        reason = (
-            "its weight is tied to the input embeddings (`tie_word_embeddings=True`), so changing it would also move "
-            "the embedding of every input token, which no null space of layer inputs can constrain"
-        )
-    else:
-        reason = (
-            "like the original method, NSPO leaves the output embedding out, and constraining it is not implemented"
-        )
-    return (
-        f"`{name}` is the output embedding (an `nn.Linear`), which NSPO does not constrain in full fine-tuning: "
-        f"{reason}. Remove it from `nspo_target_modules`, then freeze it "
-        "(`model.get_output_embeddings().requires_grad_(False)`) or let it train unconstrained "
-        "(`allow_unconstrained_parameters=True`)."
-    )
-
-
-def base_linear(module: nn.Module) -> nn.Module:
-    """The frozen base layer of a LoRA layer, or the layer itself."""
-    return module.get_base_layer() if isinstance(module, LoraLayer) else module
-
-
-def constrained_input_dim(module: nn.Module) -> int:
-    """Input size d of a constrained LoRA layer, linear layer or GPT-2 `Conv1D` (which calls it `nx`)."""
-    return module.nx if isinstance(module, Conv1D) else module.in_features
-
-
 # Config fields that cannot change what a layer computes; everything else (rope, norms' eps, sizes…) is compared.
 _CONFIG_FIELDS_WITHOUT_EFFECT = {
     "_name_or_path",
@@ -212,13 +106,13 @@ def model_fingerprint(model: nn.Module) -> ModelFingerprint:
     would miss an edit to a few rows. The cost is O(model bytes), paid once per run start: about 1.7 GB/s on one CPU
     core, i.e. ~10 s for a 7B model in bfloat16 (15 GB), plus the device-to-host copy.
     """
-    adapter_tensors = _adapter_tensor_ids(model)
+    adapter_tensors = adapter_tensor_ids(model)
     tensors = {}
     named = [*model.named_parameters(remove_duplicate=True), *model.named_buffers(remove_duplicate=True)]
     for name, tensor in named:
         if id(tensor) in adapter_tensors:
             continue
-        tensors[_base_tensor_name(name)] = _tensor_sha256(tensor)
+        tensors[base_tensor_name(name)] = _tensor_sha256(tensor)
     config = getattr(model, "config", None)
     config_values = {} if config is None else _config_with_effect(json.loads(config.to_json_string(use_diff=False)))
     return ModelFingerprint(config=config_values, tensors=dict(sorted(tensors.items())))
@@ -231,28 +125,6 @@ def _config_with_effect(values: dict[str, Any]) -> dict[str, Any]:
         for key, value in values.items()
         if key not in _CONFIG_FIELDS_WITHOUT_EFFECT
     }
-
-
-def _adapter_tensor_ids(model: nn.Module) -> set[int]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import ModulesToSaveWrapper
-
-    ids = set()
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            for attribute in (*module.adapter_layer_names, *module.other_param_names):
-                value = getattr(module, attribute, None)
-                if isinstance(value, nn.Module):
-                    ids.update(id(tensor) for tensor in (*value.parameters(), *value.buffers()))
-        elif isinstance(module, ModulesToSaveWrapper):
-            ids.update(id(tensor) for tensor in module.modules_to_save.parameters())
-    return ids
-
-
-def _base_tensor_name(name: str) -> str:
-    # PEFT keeps the wrapped layer as `…q_proj.base_layer` (LoRA) or `….original_module` (modules_to_save).
-    parts = canonical_module_name(name).split(".")
-    return ".".join(part for part in parts if part not in ("base_layer", "original_module"))
 
 
 def _tensor_sha256(tensor: torch.Tensor) -> str:
@@ -311,30 +183,6 @@ def calibration_record(
             json.dumps(generation, sort_keys=True, default=str).encode()
         ).hexdigest()[:16]
     return record
-
-
-@contextlib.contextmanager
-def requires_grad_kept(model: nn.Module) -> Iterator[None]:
-    """
-    Puts back every parameter's `requires_grad` on exit. PEFT's `disable_adapter()` and `set_adapter()` make every
-    active adapter weight trainable again, which would unfreeze weights frozen on purpose (LoRA-FA's A).
-    """
-    requires_grad = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    try:
-        yield
-    finally:
-        for parameter, flag in requires_grad:
-            parameter.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """A context in which `model` runs as its base model (PEFT adapters disabled); a no-op for plain models."""
-    if not is_peft_model(model):
-        yield
-        return
-    with requires_grad_kept(model), model.disable_adapter():
-        yield
 
 
 @contextlib.contextmanager

@@ -1,130 +1,89 @@
-"""Binding null-space projectors to a model's trainable parameters, and keeping them in the null space.
+"""Keeping a model's constrained parameters in the null spaces of their layers' calibration inputs.
 
 Trap 1 of the method: Adam divides each coordinate by its own √v, so a projected gradient does not give a projected
 update, and neither AdamW's decay nor LoRA's random init of A lie in the null space. The guarantee is therefore
 carried by the parameters themselves: they are projected at the start and after every optimizer step; gradients are
 projected too, so that clipping, `grad_norm` and Adam's moments see only the part that will be kept.
+
+A [`NullSpaceConstraint`] is built from the model before training (bases, starting weights and outputs, by module
+name) and bound late: [`~NullSpaceConstraint.bind`] looks the parameters up by module name in the model as
+`accelerator.prepare` returned it. What differs between LoRA and full fine-tuning is in two small strategies; which
+training engines keep the guarantee is decided in one place, [`check_training_engine`].
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import is_peft_model
-from peft import LoraConfig, PeftConfig
-from peft.tuners.lora import LoraLayer
 from torch import nn
+from torch.distributed.tensor import DTensor
+from transformers import TrainingArguments
 from transformers.pytorch_utils import Conv1D
 
-from .calibration import base_linear, find_constrained_modules
 from .null_space import NullSpaceBasis, NullSpaceError
 from .projectors import NullSpaceProjectors
+from .targets import (
+    UnsupportedSetupError,
+    base_linear,
+    find_constrained_modules,
+    is_lora_model,
+    lora_adapters,
+    lora_factors,
+    modules_by_canonical_name,
+)
 
-# LoRA initialisations that leave the base weights and the product B·A as they are (B·A = 0, or A is re-projected).
-_SAFE_LORA_INITS = (True, False, "gaussian")
+# Constrained parameters this far outside their null space (pooled ‖removed‖/‖parameters‖) were not left there by a
+# projection, which leaves float32 rounding (~1e-7): binding projects them, and leaves them bitwise alone below it.
+PROJECTED_DRIFT_TOLERANCE = 1e-5
+
+_ENGINE_MESSAGE = (
+    "NSPOTrainer does not support DeepSpeed, FSDP or models sharded at load time (`distributed_config`, `tp_plan`) "
+    "yet: they shard or hide `.grad` and overwrite parameters from their own master copies, so the null-space "
+    "projection would silently do nothing. Use single-device or DDP training (`accelerate launch --multi_gpu`), with "
+    "QLoRA for large models."
+)
 
 
-class UnsupportedSetupError(NullSpaceError):
-    """Raised for a training setup in which the null-space guarantee cannot be honoured."""
-
-
-def check_peft_config(peft_config: PeftConfig | None, allow_unconstrained_parameters: bool = False) -> list[str]:
+def check_training_engine(args: TrainingArguments, accelerator=None, model: nn.Module | None = None) -> None:
     """
-    Refuses adapter settings that change general-task outputs outside the projection.
+    The engine policy: refuses the training engines under which the projection would not act on what is trained.
+
+    Single-device and DDP training keep the guarantee exactly: every process holds whole parameters and, once DDP has
+    averaged them, whole gradients, and the optimizer steps those. DeepSpeed, FSDP and models sharded at load time
+    shard or hide `.grad` and step their own master copies: they are refused.
 
     Args:
-        peft_config ([`~peft.PeftConfig`], *optional*):
-            The adapter configuration about to be applied; `None` means full fine-tuning.
-        allow_unconstrained_parameters (`bool`, *optional*, defaults to `False`):
-            Turn the refusal of `modules_to_save` into a warning.
+        args ([`~transformers.TrainingArguments`]):
+            The run's arguments. With the environment `accelerate launch` sets, they are enough to refuse an engine
+            before anything is loaded.
+        accelerator ([`~accelerate.Accelerator`], *optional*):
+            The trainer's accelerator, whose state also knows engines turned on by accelerate's own config.
+        model (`nn.Module`, *optional*):
+            The model, whose parameters are `DTensor`s when it was sharded at load time.
 
-    Returns:
-        `list[str]`: warnings to show the user.
+    Raises:
+        [`UnsupportedSetupError`]: saying what is supported instead.
     """
-    if peft_config is None:
-        return []
-    if not isinstance(peft_config, LoraConfig):
-        raise UnsupportedSetupError(
-            f"NSPO projects LoRA adapters; {type(peft_config).__name__} is not supported. Use a `peft.LoraConfig`, or "
-            "no `peft_config` for full fine-tuning."
-        )
-    if peft_config.use_dora:
-        raise UnsupportedSetupError(
-            "DoRA (`use_dora=True`) rescales the base weight by a trained magnitude vector, which changes general "
-            "task outputs outside the null space. Set `use_dora=False`."
-        )
-    if peft_config.init_lora_weights not in _SAFE_LORA_INITS:
-        raise UnsupportedSetupError(
-            f"`init_lora_weights={peft_config.init_lora_weights!r}` rewrites the base weights or starts from a "
-            "non-null B·A, so general outputs change before training starts. Use `init_lora_weights=True` (default) "
-            "or 'gaussian'."
-        )
-    if peft_config.bias != "none" or getattr(peft_config, "lora_bias", False):
-        raise UnsupportedSetupError(
-            "Trainable biases (`bias` other than 'none', or `lora_bias=True`) shift every output, on general inputs "
-            "too; the null-space projection cannot constrain them. Set `bias='none'` and `lora_bias=False`."
-        )
-    if getattr(peft_config, "target_parameters", None):
-        raise UnsupportedSetupError(
-            "LoRA on raw parameters (`target_parameters`, e.g. MoE experts) is not supported by the projection yet. "
-            "Target linear modules with `target_modules` instead."
-        )
-    if peft_config.modules_to_save:
-        message = (
-            f"`modules_to_save={peft_config.modules_to_save}` trains full copies of those modules without any "
-            "null-space constraint, so their general-task outputs will change."
-        )
-        if not allow_unconstrained_parameters:
-            raise UnsupportedSetupError(
-                message + " Remove them, or set `allow_unconstrained_parameters=True` to accept this."
-            )
-        return [message]
-    return []
+    uses_deepspeed = args.deepspeed is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
+    uses_fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false") == "true"
+    if accelerator is not None:
+        uses_deepspeed = uses_deepspeed or getattr(accelerator.state, "deepspeed_plugin", None) is not None
+        uses_fsdp = uses_fsdp or getattr(accelerator.state, "fsdp_plugin", None) is not None
+    sharded = model is not None and any(isinstance(parameter, DTensor) for parameter in model.parameters())
+    if uses_deepspeed or uses_fsdp or sharded:
+        raise UnsupportedSetupError(_ENGINE_MESSAGE)
 
 
-def check_peft_model(model: nn.Module | str, allow_unconstrained_parameters: bool = False) -> list[str]:
+def _local_rows(tensor: torch.Tensor) -> torch.Tensor:
     """
-    Refuses a PEFT model passed in ready-made whose adapters change general-task outputs outside the projection, or
-    that already carry a trained update.
-
-    Every adapter's configuration is checked, whatever its name and whether it is active: an inactive PiSSA/OLoRA
-    adapter has already rewritten the base weights when it was added.
-
-    Args:
-        model (`nn.Module` or `str`):
-            The model passed to the trainer; anything but a [`~peft.PeftModel`] passes.
-        allow_unconstrained_parameters (`bool`, *optional*, defaults to `False`):
-            Turn the refusal of `modules_to_save` into a warning.
-
-    Returns:
-        `list[str]`: warnings to show the user.
+    The rows of a constrained parameter (or of its gradient) that this process projects, as a view to write to: all
+    of them, since the supported engines hold whole parameters. An engine that shards parameters by rows (FSDP2's
+    `DTensor`) would return its local shard here: projecting whole rows is the same on every shard.
     """
-    if not isinstance(model, nn.Module) or not is_peft_model(model):
-        return []
-    messages = []
-    for adapter_name, peft_config in model.peft_config.items():
-        try:
-            messages += check_peft_config(peft_config, allow_unconstrained_parameters)
-        except UnsupportedSetupError as error:
-            raise UnsupportedSetupError(f"Adapter {adapter_name!r}: {error}") from error
-    trained = [
-        f"{name} ({adapter})"
-        for name, module in model.named_modules()
-        if isinstance(module, LoraLayer)
-        for adapter in module.active_adapters
-        if adapter in module.lora_B and bool(module.lora_B[adapter].weight.detach().any())
-    ]
-    if trained:
-        raise UnsupportedSetupError(
-            f"The model passed in has an adapter whose LoRA B weights are not zero in {len(trained)} layer(s), e.g. "
-            f"{trained[:3]}: it already changes the base model's outputs (a trained adapter, or one created with "
-            "`init_lora_weights=False`). NSPO keeps an update that starts at zero in the null space; projecting this "
-            "adapter's A would silently change what it does. Merge it into the base model "
-            "(`model = model.merge_and_unload()`) and train a new adapter on top (`peft_config=LoraConfig(...)`)."
-        )
-    return messages
+    return tensor
 
 
 @dataclass
@@ -132,8 +91,15 @@ class _ConstrainedWeight:
     """One parameter whose rows must stay in a null space, with what is needed to measure its output change."""
 
     module_name: str
-    parameter: nn.Parameter
     basis: NullSpaceBasis
+    # The parameter's dtype, and how many of its rows must be independent inside the null space (LoRA A: its rank; a
+    # full weight only needs a non-empty null space), both known before binding.
+    dtype: torch.dtype
+    independent_rows: int = 0
+    # LoRA only: the adapter whose A this is.
+    adapter: str | None = None
+    # The parameter in the bound model (see `NullSpaceConstraint.bind`).
+    parameter: nn.Parameter | None = None
     # Full fine-tuning only: the part of the starting weight (one row per output) outside the null space (W₀·R when R
     # is stored, else W₀ itself), so that W ← W₀ + (W − W₀)·P can be applied without a full copy when R is smaller.
     anchor: torch.Tensor | None = None
@@ -151,6 +117,89 @@ class _ConstrainedWeight:
         """`tensor` (laid out as the parameter) with one row per output, or back: the transpose is its own inverse."""
         return tensor.T if self.transposed else tensor
 
+    def to(self, device: torch.device) -> None:
+        """Moves what was recorded before binding to the device of the bound parameter."""
+        self.basis = self.basis.to(device=device)
+        for field in ("anchor", "sketch_rows", "base_outputs", "base_outputs_in_compute_dtype"):
+            value = getattr(self, field)
+            if value is not None:
+                setattr(self, field, value.to(device))
+
+
+class _LoraStrategy:
+    """LoRA: the update is s·B·A, so A·K = 0 is enough. The rows of each active adapter's A are constrained, B is
+    free, and the outputs to preserve are the frozen base layer's."""
+
+    def entries(self, name: str, module: nn.Module, basis: NullSpaceBasis) -> list[_ConstrainedWeight]:
+        entries = []
+        for adapter in lora_adapters(module):
+            lora_a = lora_factors(module, adapter)[0]
+            entries.append(_ConstrainedWeight(name, basis, lora_a.dtype, lora_a.shape[0], adapter=adapter))
+        return entries
+
+    @torch.no_grad()
+    def base_outputs(self, entry: _ConstrainedWeight, module: nn.Module, compute_dtype: torch.dtype) -> torch.Tensor:
+        layer = base_linear(module)
+        reference = layer.weight
+        dtype = reference.dtype if reference.is_floating_point() else torch.float32
+        outputs = layer(entry.sketch_rows.to(dtype)).float()
+        if getattr(layer, "bias", None) is not None:
+            outputs = outputs - layer.bias.float()
+        return outputs
+
+    def parameter(self, module: nn.Module, entry: _ConstrainedWeight) -> nn.Parameter:
+        return lora_factors(module, entry.adapter)[0]
+
+    def free_parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        return [lora_factors(module, adapter)[1] for adapter in lora_adapters(module)]
+
+    def projected_rows(self, entry: _ConstrainedWeight, rows: torch.Tensor) -> torch.Tensor:
+        return entry.basis.project_rows(rows)
+
+    def output_change(self, entry: _ConstrainedWeight, module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        lora_a, lora_b, scaling = lora_factors(module, entry.adapter)
+        hidden = entry.sketch_rows.to(dtype) @ lora_a.to(dtype).T
+        return (hidden @ lora_b.to(dtype).T * scaling).float()
+
+
+class _FullFineTuningStrategy:
+    """Full fine-tuning: each constrained layer's weight, whose change since the start W − W₀ is kept in the null
+    space; no parameter of a constrained layer is free."""
+
+    def entries(self, name: str, module: nn.Module, basis: NullSpaceBasis) -> list[_ConstrainedWeight]:
+        entry = _ConstrainedWeight(name, basis, module.weight.dtype, transposed=isinstance(module, Conv1D))
+        start = entry.as_rows(module.weight.detach().float())
+        entry.anchor = start.clone() if basis.stores_null else start @ basis.basis
+        return [entry]
+
+    @torch.no_grad()
+    def base_outputs(self, entry: _ConstrainedWeight, module: nn.Module, compute_dtype: torch.dtype) -> torch.Tensor:
+        # W₀ exactly as stored, in float32 like the trained weights it is compared with.
+        start = entry.as_rows(module.weight.detach().float())
+        entry.base_outputs = entry.sketch_rows @ start.T
+        if compute_dtype != torch.float32:
+            entry.base_outputs_in_compute_dtype = _outputs_in(compute_dtype, entry.sketch_rows, start)
+        return entry.base_outputs
+
+    def parameter(self, module: nn.Module, entry: _ConstrainedWeight) -> nn.Parameter:
+        return module.weight
+
+    def free_parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        return []
+
+    def projected_rows(self, entry: _ConstrainedWeight, rows: torch.Tensor) -> torch.Tensor:
+        if entry.basis.stores_null:
+            return entry.anchor + entry.basis.project_rows(rows - entry.anchor)
+        # W₀ + (W − W₀)·(I − R·Rᵀ) = W − (W·R − W₀·R)·Rᵀ
+        basis = entry.basis.basis
+        return rows - (rows @ basis - entry.anchor) @ basis.T
+
+    def output_change(self, entry: _ConstrainedWeight, module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        if dtype == torch.float32:
+            return entry.sketch_rows @ entry.as_rows(entry.parameter.float()).T - entry.base_outputs
+        weight_rows = entry.as_rows(entry.parameter)
+        return _outputs_in(dtype, entry.sketch_rows, weight_rows) - entry.base_outputs_in_compute_dtype
+
 
 class NullSpaceConstraint:
     """
@@ -160,9 +209,13 @@ class NullSpaceConstraint:
     s·B·A, so A·K = 0 is enough and B is free); with full fine-tuning, the layers' weights, whose change from the
     starting weights is projected.
 
+    Construction records, by module name, what the constraint needs from the model before any training step (bases,
+    LoRA ranks, starting weights and outputs); [`~NullSpaceConstraint.bind`] then attaches it to the parameters of the
+    model that trains, which may be a wrapped copy (`accelerator.prepare`).
+
     Args:
         model (`nn.Module`):
-            The (PEFT-wrapped) model, after wrapping.
+            The (PEFT-wrapped) model, after wrapping, before any training step.
         projectors ([`NullSpaceProjectors`]):
             Projectors that match the model (see [`NullSpaceProjectors.check_matches`]).
         target_modules (`str` or `list[str]`, *optional*):
@@ -180,70 +233,75 @@ class NullSpaceConstraint:
         target_modules: str | list[str] | None = None,
         autocast_dtype: torch.dtype | None = None,
     ):
-        self.is_lora = is_peft_model(model)
+        self._strategy = _LoraStrategy() if is_lora_model(model) else _FullFineTuningStrategy()
         self.autocast_dtype = autocast_dtype
         modules = find_constrained_modules(model, target_modules)
         bases = projectors.basis_by_module()
         sketches = {name: group.input_sketch for group in projectors.groups.values() for name in group.module_names}
         self.weights: list[_ConstrainedWeight] = []
-        self.lora_b_parameters: set[int] = set()
         for name, module in modules.items():
-            for parameter in self._constrained_parameters(module):
-                basis = bases[name].to(device=parameter.device)
-                transposed = not self.is_lora and isinstance(module, Conv1D)
-                entry = _ConstrainedWeight(name, parameter, basis, transposed=transposed)
-                if not self.is_lora:
-                    start = entry.as_rows(parameter.detach().float())
-                    entry.anchor = start.clone() if basis.stores_null else start @ basis.basis
+            device = base_linear(module).weight.device
+            for entry in self._strategy.entries(name, module, bases[name].to(device=device)):
                 sketch = sketches.get(name)
                 if sketch is not None:
-                    entry.sketch_rows = sketch.T.contiguous().to(device=parameter.device, dtype=torch.float32)
-                    if self.is_lora:
-                        base_outputs = self._base_outputs(module, entry.sketch_rows)
-                    else:
-                        # W₀ exactly as stored, in float32 like the trained weights it is compared with.
-                        base_outputs = entry.sketch_rows @ start.T
-                        entry.base_outputs = base_outputs
-                        if self.compute_dtype(entry) != torch.float32:
-                            entry.base_outputs_in_compute_dtype = _outputs_in(
-                                self.compute_dtype(entry), entry.sketch_rows, start
-                            )
+                    entry.sketch_rows = sketch.T.contiguous().to(device=device, dtype=torch.float32)
+                    base_outputs = self._strategy.base_outputs(entry, module, self.compute_dtype(entry))
                     entry.base_output_norm = torch.linalg.matrix_norm(base_outputs.double()).item()
                 self.weights.append(entry)
-            if self.is_lora:
-                self.lora_b_parameters.update(id(module.lora_B[a].weight) for a in module.active_adapters)
-        self._modules = modules
+        self._module_names = list(modules)
+        self._bound_modules: dict[str, nn.Module] | None = None
 
-    def _constrained_parameters(self, module: nn.Module) -> list[nn.Parameter]:
-        if isinstance(module, LoraLayer):
-            return [module.lora_A[adapter].weight for adapter in module.active_adapters if adapter in module.lora_A]
-        return [module.weight]
+    def bind(self, model: nn.Module, project: bool = True) -> float:
+        """
+        Attaches the constraint to the parameters of `model`, looked up by module name: the model as
+        `accelerator.prepare` returned it (DDP-wrapped, compiled, or holding new parameter objects) or as it was
+        built. Binding again, to the same model or to a re-prepared one, only moves the constraint onto the
+        parameters found.
 
-    @staticmethod
-    @torch.no_grad()
-    def _base_outputs(module: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-        layer = base_linear(module)
-        reference = layer.weight
-        dtype = reference.dtype if reference.is_floating_point() else torch.float32
-        outputs = layer(rows.to(dtype)).float()
-        if getattr(layer, "bias", None) is not None:
-            outputs = outputs - layer.bias.float()
-        return outputs
+        Args:
+            model (`nn.Module`):
+                The model that trains.
+            project (`bool`, *optional*, defaults to `True`):
+                Put the parameters back into their null space when they are outside it by more than float32 rounding
+                ([`PROJECTED_DRIFT_TOLERANCE`]), e.g. at the start of a run (LoRA's random A); below that they are
+                left bitwise as they are.
+
+        Returns:
+            `float`: the parameters' [`~NullSpaceConstraint.drift`] when bound, before any projection.
+        """
+        modules = self._modules_in(model)
+        for entry in self.weights:
+            entry.parameter = self._strategy.parameter(modules[entry.module_name], entry)
+            if entry.basis.basis.device != entry.parameter.device:
+                entry.to(entry.parameter.device)
+        self._bound_modules = modules
+        drift = self.drift()
+        if project and drift > PROJECTED_DRIFT_TOLERANCE:
+            self.project_parameters()
+        return drift
+
+    def _modules_in(self, model: nn.Module) -> dict[str, nn.Module]:
+        by_name = modules_by_canonical_name(model)
+        missing = [name for name in self._module_names if name not in by_name]
+        if missing:
+            raise NullSpaceError(
+                f"{len(missing)} constrained module(s) are not in the model being bound, e.g. {missing[:3]}: the "
+                "constraint was built from another model."
+            )
+        return {name: by_name[name] for name in self._module_names}
+
+    def _bound(self) -> dict[str, nn.Module]:
+        if self._bound_modules is None:
+            raise RuntimeError("The null-space constraint is not bound to a model yet: call `bind(model)` first.")
+        return self._bound_modules
 
     def compute_dtype(self, entry: _ConstrainedWeight) -> torch.dtype:
         """The dtype the forward multiplies `entry`'s layer in: autocast's when it is on, else the parameter's own."""
-        return self.autocast_dtype or entry.parameter.dtype
-
-    def lora_ranks(self) -> dict[str, int]:
-        return {entry.module_name: entry.parameter.shape[0] for entry in self.weights} if self.is_lora else {}
+        return self.autocast_dtype or entry.dtype
 
     def check_ranks(self) -> None:
-        """Refuses LoRA ranks above a module's null dimension: A's rows could not be independent there."""
-        too_small = [
-            f"{entry.module_name} (null dim {entry.basis.null_dim} < rank {entry.parameter.shape[0]})"
-            for entry in self.weights
-            if self.is_lora and entry.basis.null_dim < entry.parameter.shape[0]
-        ]
+        """Refuses an empty null space, and LoRA ranks above a module's null dimension: A's rows could not be
+        independent there. Needs no binding."""
         empty = [entry.module_name for entry in self.weights if entry.basis.null_dim == 0]
         if empty:
             raise NullSpaceError(
@@ -251,29 +309,43 @@ class NullSpaceConstraint:
                 "Raise `null_space_alpha` (relative rule) or `null_space_energy` (energy rule), or exclude them with "
                 "`nspo_target_modules`."
             )
+        too_small = [
+            f"{entry.module_name} (null dim {entry.basis.null_dim} < rank {entry.independent_rows})"
+            for entry in self.weights
+            if entry.basis.null_dim < entry.independent_rows
+        ]
         if too_small:
             raise NullSpaceError(
                 f"The LoRA rank exceeds the null dimension of {len(too_small)} module(s): {too_small[:6]}. Lower the "
                 "LoRA rank `r`, raise `null_space_alpha` / `null_space_energy`, or exclude those modules."
             )
 
+    def _allowed_parameter_names(self, model: nn.Module) -> set[str]:
+        """Names, in `model`, of the constrained parameters and of the free ones of constrained layers (LoRA B)."""
+        modules = self._modules_in(model)
+        allowed = {id(self._strategy.parameter(modules[entry.module_name], entry)) for entry in self.weights}
+        allowed |= {
+            id(parameter) for module in modules.values() for parameter in self._strategy.free_parameters(module)
+        }
+        return {name for name, parameter in model.named_parameters() if id(parameter) in allowed}
+
     def unconstrained_trainable_parameters(self, model: nn.Module) -> list[str]:
-        """Names of trainable parameters that neither are constrained nor are LoRA B matrices of constrained layers."""
-        allowed = {id(entry.parameter) for entry in self.weights} | self.lora_b_parameters
-        return [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in allowed]
+        """Names of trainable parameters of `model` that neither are constrained nor are free parameters of
+        constrained layers (LoRA B matrices). Looks them up by module name: needs no binding."""
+        allowed = self._allowed_parameter_names(model)
+        return [name for name, p in model.named_parameters() if p.requires_grad and name not in allowed]
 
     def freezing_code(self, model: nn.Module) -> str | None:
         """
-        Python that freezes exactly the unconstrained trainable parameters of `model` (full fine-tuning), for error
-        messages: the shortest name suffixes that match them and no constrained weight. `None` if there is none.
+        Python that freezes exactly the unconstrained trainable parameters of `model`, for error messages: the
+        shortest name suffixes that match them and no constrained or free parameter. `None` if there is none.
         """
-        constrained_ids = {id(entry.parameter) for entry in self.weights}
-        constrained = {name for name, p in model.named_parameters() if id(p) in constrained_ids}
+        allowed = self._allowed_parameter_names(model)
         suffixes: list[str] = []
         for name in self.unconstrained_trainable_parameters(model):
             parts = name.split(".")
             candidates = (".".join(parts[-length:]) for length in range(1, len(parts) + 1))
-            suffix = next((s for s in candidates if not any(c.endswith(s) for c in constrained)), None)
+            suffix = next((s for s in candidates if not any(a.endswith(s) for a in allowed)), None)
             if suffix is None:
                 return None
             suffixes.append(suffix)
@@ -286,17 +358,6 @@ class NullSpaceConstraint:
             f"    if name.endswith({tuple(kept)!r}):\n"
             "        parameter.requires_grad_(False)"
         )
-
-    def _projected(self, entry: _ConstrainedWeight) -> torch.Tensor:
-        """`entry`'s parameter put back into its null space (for full fine-tuning: its change since the start)."""
-        current = entry.as_rows(entry.parameter.data.float())
-        if self.is_lora:
-            return entry.basis.project_rows(current)
-        if entry.basis.stores_null:
-            return entry.as_rows(entry.anchor + entry.basis.project_rows(current - entry.anchor))
-        # W₀ + (W − W₀)·(I − R·Rᵀ) = W − (W·R − W₀·R)·Rᵀ
-        basis = entry.basis.basis
-        return entry.as_rows(current - (current @ basis - entry.anchor) @ basis.T)
 
     def drift(self) -> float:
         """
@@ -316,15 +377,17 @@ class NullSpaceConstraint:
 
     @torch.no_grad()
     def _measure_and_project(self, write: bool) -> float:
+        self._bound()
         removed_sq = 0.0
         total_sq = 0.0
         for entry in self.weights:
-            current = entry.parameter.data.float()
-            projected = self._projected(entry)
+            stored = _local_rows(entry.parameter.data)
+            current = entry.as_rows(stored.float())
+            projected = self._strategy.projected_rows(entry, current)
             removed_sq += torch.linalg.matrix_norm(current - projected).item() ** 2
             total_sq += torch.linalg.matrix_norm(current).item() ** 2
             if write:
-                entry.parameter.data.copy_(projected.to(entry.parameter.dtype))
+                stored.copy_(entry.as_rows(projected).to(stored.dtype))
         return math.sqrt(removed_sq / total_sq) if total_sq > 0 else 0.0
 
     @torch.no_grad()
@@ -336,12 +399,13 @@ class NullSpaceConstraint:
             `float` or `None`: the kept-gradient fraction ‖g·P‖ / ‖g‖ over all constrained weights, `None` when no
             gradient was there.
         """
+        self._bound()
         kept_sq = 0.0
         total_sq = 0.0
         for entry in self.weights:
-            gradient = entry.parameter.grad
-            if gradient is None:
+            if entry.parameter.grad is None:
                 continue
+            gradient = _local_rows(entry.parameter.grad)
             projected = entry.as_rows(entry.basis.project_rows(entry.as_rows(gradient.float())))
             total_sq += torch.linalg.matrix_norm(gradient.float()).item() ** 2
             kept_sq += torch.linalg.matrix_norm(projected).item() ** 2
@@ -379,6 +443,7 @@ class NullSpaceConstraint:
         return self._preservation_error(in_compute_dtype=True)
 
     def _preservation_error(self, in_compute_dtype: bool) -> dict[str, float]:
+        modules = self._bound()
         delta_sq = 0.0
         base_sq = 0.0
         worst = 0.0
@@ -386,14 +451,7 @@ class NullSpaceConstraint:
             if entry.sketch_rows is None:
                 continue
             dtype = self.compute_dtype(entry) if in_compute_dtype else torch.float32
-            module = self._modules[entry.module_name]
-            if self.is_lora:
-                delta = self._lora_delta_outputs(module, entry, dtype)
-            elif dtype == torch.float32:
-                delta = entry.sketch_rows @ entry.as_rows(entry.parameter.float()).T - entry.base_outputs
-            else:
-                weight_rows = entry.as_rows(entry.parameter)
-                delta = _outputs_in(dtype, entry.sketch_rows, weight_rows) - entry.base_outputs_in_compute_dtype
+            delta = self._strategy.output_change(entry, modules[entry.module_name], dtype)
             delta_norm = torch.linalg.matrix_norm(delta.double()).item()
             delta_sq += delta_norm**2
             base_sq += entry.base_output_norm**2
@@ -402,12 +460,6 @@ class NullSpaceConstraint:
         if base_sq == 0.0:
             return {}
         return {"mean": math.sqrt(delta_sq / base_sq), "max": worst}
-
-    @staticmethod
-    def _lora_delta_outputs(module: LoraLayer, entry: _ConstrainedWeight, dtype: torch.dtype) -> torch.Tensor:
-        adapter = next(a for a in module.active_adapters if module.lora_A[a].weight is entry.parameter)
-        hidden = entry.sketch_rows.to(dtype) @ module.lora_A[adapter].weight.to(dtype).T
-        return (hidden @ module.lora_B[adapter].weight.to(dtype).T * module.scaling[adapter]).float()
 
 
 def _outputs_in(dtype: torch.dtype, rows: torch.Tensor, weight_rows: torch.Tensor) -> torch.Tensor:

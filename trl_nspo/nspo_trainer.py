@@ -8,21 +8,12 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from torch import nn
-from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 from trl import GRPOConfig, GRPOTrainer
 
-from .calibration import (
-    calibration_record,
-    compute_projectors,
-    constrained_input_dim,
-    find_constrained_modules,
-    model_fingerprint,
-    requires_grad_kept,
-)
-from .constraint import NullSpaceConstraint, UnsupportedSetupError, check_peft_config, check_peft_model
+from .calibration import calibration_record, compute_projectors, model_fingerprint
+from .constraint import PROJECTED_DRIFT_TOLERANCE, NullSpaceConstraint, check_training_engine
 from .model_card import render_model_card
 from .nspo_config import NSPOConfig
 from .null_space import NullSpaceError
@@ -40,6 +31,15 @@ from .projectors import (
     read_projectors_reference,
     write_projectors_reference,
 )
+from .targets import (
+    UnsupportedSetupError,
+    check_peft_config,
+    check_peft_model,
+    constrained_input_dim,
+    find_constrained_modules,
+    recorded_base_model,
+    requires_grad_kept,
+)
 
 logger = logging.getLogger(__name__)
 # Below this share of the gradient in the null spaces, the constrained update is much smaller than GRPO's at the same
@@ -51,13 +51,22 @@ class HubUnreachableError(ConnectionError):
     """The Hugging Face Hub could not be reached to create the repository `push_to_hub` pushes to."""
 
 
-class _ReprojectAfterOptimizerStep(TrainerCallback):
-    """Puts the constrained parameters back into their null space after every optimizer step (Adam drifts out)."""
+class _NullSpaceCallback(TrainerCallback):
+    """
+    Binds the constraint to the model `accelerator.prepare` returned, once training begins (HF Trainer calls
+    `on_train_begin` after preparing), and puts the constrained parameters back into their null space after every
+    optimizer step (Adam drifts out), unless only gradients are projected.
+    """
 
     def __init__(self, trainer: "NSPOTrainer"):
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._bind_constraint(self.trainer.model_wrapped)
+
     def on_optimizer_step(self, args, state, control, **kwargs):
+        if args.gradient_projection_only:
+            return
         drift = self.trainer.constraint.project_parameters()
         self.trainer._metrics["train"]["nspo/optimizer_drift"].append(drift)
 
@@ -116,7 +125,7 @@ class NSPOTrainer(GRPOTrainer):
             raise TypeError(
                 f"NSPOTrainer needs an `NSPOConfig` as `args`, got {kind}. Replace GRPOConfig by NSPOConfig."
             )
-        _refuse_unsupported_engines(args)
+        check_training_engine(args)
         peft_config = grpo_kwargs.get("peft_config")
         if peft_config is not None:
             messages = check_peft_config(peft_config, args.allow_unconstrained_parameters)
@@ -132,8 +141,7 @@ class NSPOTrainer(GRPOTrainer):
 
         super().__init__(model, reward_funcs, args, *grpo_args, **grpo_kwargs)
 
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled or _has_sharded_parameters(self.model):
-            raise UnsupportedSetupError(_ENGINE_MESSAGE)
+        check_training_engine(args, self.accelerator, self.model)
         # Hashed once per run (O(model bytes)), when a projector file has to be checked against this model.
         self._model_fingerprint: ModelFingerprint | None = None
         location = args.projectors_path or args.output_dir
@@ -173,9 +181,10 @@ class NSPOTrainer(GRPOTrainer):
             self.projectors_file = self._save_new_projectors(location)
         # Checkpoints reference the run's file by this content hash instead of holding a copy.
         self._projectors_sha256 = file_sha256(self.projectors_file)
-        if not args.gradient_projection_only:
-            self.constraint.project_parameters()
-            self.add_callback(_ReprojectAfterOptimizerStep(self))
+        # Bound now, so that the constraint can be read before training (and the adapter that TRL's generation reads
+        # is already projected); bound again to the prepared model when training begins.
+        self._bind_constraint(self.model)
+        self.add_callback(_NullSpaceCallback(self))
         self._warned_small_kept_fraction = False
         null_dims = self.projectors.null_dims()
         self._nspo_start_logs = {
@@ -245,6 +254,11 @@ class NSPOTrainer(GRPOTrainer):
             projectors.check_calibration(expected, source)
         return projectors.restricted_to(list(modules))
 
+    def _bind_constraint(self, model: torch.nn.Module) -> float:
+        """Binds the constraint to `model`, projecting its parameters unless only gradients are projected; returns
+        their drift when bound."""
+        return self.constraint.bind(model, project=not self.args.gradient_projection_only)
+
     def _check_unconstrained_parameters(self) -> None:
         unconstrained = self.constraint.unconstrained_trainable_parameters(self.model)
         if not unconstrained:
@@ -254,7 +268,7 @@ class NSPOTrainer(GRPOTrainer):
             f"general-task outputs: {unconstrained[:6]}{' …' if len(unconstrained) > 6 else ''}."
         )
         if not self.args.allow_unconstrained_parameters:
-            code = None if self.constraint.is_lora else self.constraint.freezing_code(self.model)
+            code = self.constraint.freezing_code(self.model)
             freeze = (
                 f" Freeze them before creating the trainer:\n\n{textwrap.indent(code, '    ')}\n\nor"
                 if code
@@ -365,16 +379,16 @@ class NSPOTrainer(GRPOTrainer):
                 "a checkpoint written by NSPOTrainer."
             )
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        # A checkpoint NSPOTrainer wrote is in the null space up to float32 rounding; leaving it as it is keeps the
-        # resumed run bitwise equal to an uninterrupted one. Only an adapter edited since is projected.
-        drift = self.constraint.drift()
-        if drift > _RESUME_DRIFT_TOLERANCE and not self.args.gradient_projection_only:
+        # HF Trainer loads into the unprepared model, or (FSDP) into the prepared one it passes. A checkpoint
+        # NSPOTrainer wrote is in the null space up to float32 rounding, and binding leaves it bitwise as it is, so
+        # the resumed run equals an uninterrupted one; only an adapter edited since is projected.
+        drift = self._bind_constraint(self.model if model is None else model)
+        if drift > PROJECTED_DRIFT_TOLERANCE and not self.args.gradient_projection_only:
             warnings.warn(
                 f"The constrained weights in {resume_from_checkpoint} were {drift:.2e} outside their null space "
                 "(edited after saving?); projected them back.",
                 stacklevel=2,
             )
-            self.constraint.project_parameters()
 
     def create_model_card(
         self,
@@ -427,8 +441,7 @@ class NSPOTrainer(GRPOTrainer):
     def _base_model_hub_id(self) -> str | None:
         """The base model's Hub id as the adapter records it (PEFT's `base_model_name_or_path`), else as the model
         was loaded; `None` when that is a local folder."""
-        peft_config = getattr(self.model, "active_peft_config", None)
-        name_or_path = getattr(peft_config, "base_model_name_or_path", None) or self.model.config._name_or_path
+        name_or_path = recorded_base_model(self.model) or self.model.config._name_or_path
         return None if not name_or_path or os.path.isdir(name_or_path) else name_or_path
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -492,25 +505,3 @@ def _autocast_dtype(accelerator) -> torch.dtype | None:
     if not accelerator.native_amp:
         return None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-
-
-def _has_sharded_parameters(model: nn.Module) -> bool:
-    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
-
-
-# A resumed LoRA A this far outside its null space was not left there by NSPOTrainer (which leaves ~1e-7).
-_RESUME_DRIFT_TOLERANCE = 1e-5
-
-_ENGINE_MESSAGE = (
-    "NSPOTrainer does not support DeepSpeed, FSDP or models sharded at load time (`distributed_config`, `tp_plan`) "
-    "yet: they shard or hide `.grad` and overwrite parameters from their own master copies, so the null-space "
-    "projection would silently do nothing. Use single-device or DDP training (`accelerate launch --multi_gpu`), with "
-    "QLoRA for large models."
-)
-
-
-def _refuse_unsupported_engines(args: NSPOConfig) -> None:
-    uses_deepspeed = args.deepspeed is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
-    uses_fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false") == "true"
-    if uses_deepspeed or uses_fsdp:
-        raise UnsupportedSetupError(_ENGINE_MESSAGE)
