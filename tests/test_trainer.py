@@ -1,5 +1,6 @@
 """End-to-end tests of NSPOTrainer on the tiny offline model: the null-space guarantee, and what is refused."""
 
+import copy
 import json
 import logging
 import math
@@ -481,6 +482,19 @@ class TestProjectorFiles:
         assert queries_only.projectors.same_bases(
             everything.projectors.restricted_to(list(queries_only.projectors.null_dims()))
         )
+
+
+class TestConstraintWiring:
+    def test_training_binds_the_constraint_to_the_model_accelerate_prepared(self, tiny_model_dir, tmp_path):
+        trainer = build_nspo(tiny_model_dir, tmp_path, peft_config=lora())
+        assert trainer.constraint.drift() <= 1e-6  # bound and projected in __init__, readable before training
+        # As `accelerator.prepare` may return it: a wrapper around new parameter objects (FSDP2 replaces them).
+        prepared = torch.nn.Module()
+        prepared.module = copy.deepcopy(trainer.model)
+        trainer.model_wrapped = prepared
+        trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
+        prepared_parameters = {id(p) for p in prepared.parameters()}
+        assert all(id(entry.parameter) in prepared_parameters for entry in trainer.constraint.weights)
 
 
 class TestRefusals:

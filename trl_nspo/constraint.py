@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -126,6 +127,28 @@ class _ConstrainedWeight:
                 setattr(self, field, value.to(device))
 
 
+class _Strategy(Protocol):
+    """What differs between LoRA and full fine-tuning; [`NullSpaceConstraint`] does the rest the same way for both."""
+
+    def entries(self, name: str, module: nn.Module, basis: NullSpaceBasis) -> list[_ConstrainedWeight]:
+        """The constrained parameters of the constrained module `name`, with their starting state (before binding)."""
+
+    def base_outputs(self, entry: _ConstrainedWeight, module: nn.Module, compute_dtype: torch.dtype) -> torch.Tensor:
+        """The starting layer's outputs on `entry.sketch_rows`, in float32 (recording what the measurement needs)."""
+
+    def parameter(self, module: nn.Module, entry: _ConstrainedWeight) -> nn.Parameter:
+        """`entry`'s parameter in `module`, a constrained module of the model being bound."""
+
+    def free_parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        """The parameters of a constrained module that train freely without changing its general-task outputs."""
+
+    def projected_rows(self, entry: _ConstrainedWeight, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` (the parameter, one row per output, float32) put back into the null space."""
+
+    def output_change(self, entry: _ConstrainedWeight, module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        """The change of the layer's outputs on `entry.sketch_rows` since the start, computed in `dtype`."""
+
+
 class _LoraStrategy:
     """LoRA: the update is s·B·A, so A·K = 0 is enough. The rows of each active adapter's A are constrained, B is
     free, and the outputs to preserve are the frozen base layer's."""
@@ -233,7 +256,7 @@ class NullSpaceConstraint:
         target_modules: str | list[str] | None = None,
         autocast_dtype: torch.dtype | None = None,
     ):
-        self._strategy = _LoraStrategy() if is_lora_model(model) else _FullFineTuningStrategy()
+        self._strategy: _Strategy = _LoraStrategy() if is_lora_model(model) else _FullFineTuningStrategy()
         self.autocast_dtype = autocast_dtype
         modules = find_constrained_modules(model, target_modules)
         bases = projectors.basis_by_module()
