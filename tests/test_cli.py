@@ -8,7 +8,8 @@ import pytest
 from test_trainer import TRAIN, config, length_reward, lora
 
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError, NullSpaceProjectors
-from trl_nspo.cli import CALIBRATE_OPTIONS, TrainArguments, calibrate_parser, main
+from trl_nspo.cli import main
+from trl_nspo.commands import CALIBRATE_OPTIONS, TrainArguments, calibrate_parser
 from trl_nspo.data import load_calibration_dataset
 from trl_nspo.projectors import PROJECTORS_FILE_NAME
 
