@@ -95,7 +95,10 @@ class TrainArguments(RewardArguments, CalibrateArguments, ScriptArguments):
         dataset_config (`str`, *optional*):
             Configuration of a Hub dataset (the `name` of `datasets.load_dataset`).
         dataset_train_split (`str`, *optional*, defaults to `"train"`):
-            Split to read. Also spelled `--dataset_split`.
+            Split to read.
+        dataset_split (`str`, *optional*):
+            The name this flag had before `TrainArguments` built on `ScriptArguments`; kept, for commands and config
+            files, as an alias of `dataset_train_split`.
         dataset_fraction (`float`, *optional*, defaults to `1.0`):
             Share of the distinct prompts to train on (the paper used 0.4 of PKU-SafeRLHF).
         harmful_column (`str`, *optional*):
@@ -106,9 +109,8 @@ class TrainArguments(RewardArguments, CalibrateArguments, ScriptArguments):
         default=None,
         metadata={"help": "Safety prompts: Hub id, local file or folder; default: the embedded demo prompts."},
     )
-    dataset_train_split: str = field(
-        default="train", metadata={"help": "Split of the safety dataset.", "aliases": ["--dataset_split"]}
-    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of the safety dataset."})
+    dataset_split: str | None = field(default=None, metadata={"help": "Alias of `dataset_train_split`."})
     dataset_fraction: float = field(
         default=1.0, metadata={"help": "Share of the distinct safety prompts to train on (the paper used 0.4)."}
     )
@@ -118,6 +120,8 @@ class TrainArguments(RewardArguments, CalibrateArguments, ScriptArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.dataset_split is not None:
+            self.dataset_train_split = self.dataset_split
         if not 0.0 < self.dataset_fraction <= 1.0:
             raise ValueError(f"`dataset_fraction` must be in (0, 1], got {self.dataset_fraction}.")
         if self.dataset_streaming:
@@ -169,6 +173,11 @@ def calibrate_parser() -> TrlParser:
     return parser
 
 
+def train_parser() -> TrlParser:
+    """The parser of `trl-nspo train`: `TrainArguments`, `NSPOConfig` and `ModelConfig`."""
+    return TrlParser((TrainArguments, NSPOConfig, ModelConfig), prog="trl-nspo train")
+
+
 def calibrate(argv: Sequence[str]) -> None:
     from peft import get_peft_model
     from transformers import AutoTokenizer
@@ -210,8 +219,7 @@ def train(argv: Sequence[str]) -> None:
     from .nspo_trainer import NSPOTrainer
     from .projectors import existing_projectors_file, file_megabytes
 
-    parser = TrlParser((TrainArguments, NSPOConfig, ModelConfig), prog="trl-nspo train")
-    arguments, training_args, model_args = parser.parse_args_and_config(args=list(argv))
+    arguments, training_args, model_args = train_parser().parse_args_and_config(args=list(argv))
     # First, so that a misspelt reward or an unreachable reward module stops the run before any data or model loads.
     rewards = reward_functions(arguments)
     training_args.model_init_kwargs = {
