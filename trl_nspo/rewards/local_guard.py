@@ -114,9 +114,9 @@ class LocalGuardReward:
 
         Args:
             prompts (`list[str]` or `list[list[dict[str, str]]]`):
-                Prompts, in standard or conversational format.
+                The prompts, rendered before each response unless `include_prompt=False`; standard or conversational.
             completions (`list[str]` or `list[list[dict[str, str]]]`):
-                Completions, in the same format as the prompts.
+                The responses to score, in the prompts' format.
 
         Returns:
             `list[float]`: `p_unsafe` in [0, 1] for each pair, in input order.
