@@ -6,6 +6,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from datasets import Dataset
 from test_trainer import TRAIN, config, length_reward, lora
 
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError, NullSpaceProjectors
@@ -48,6 +49,21 @@ def with_flags(argv: list[str], replaced: dict[str, list[str] | None]) -> list[s
             result += [argv[index], *replaced[flag]]
         index = end
     return result
+
+
+def train_with_a_recording_trainer(argv: list[str], projectors: Path) -> dict:
+    """Runs `trl-nspo train ARGV` with an `NSPOTrainer` that only records the arguments it is given."""
+    given = {}
+
+    class RecordingTrainer(mock.MagicMock):
+        def __init__(self, **kwargs):
+            super().__init__()
+            given.update(kwargs)
+            self.projectors_file = projectors / PROJECTORS_FILE_NAME
+
+    with mock.patch("trl_nspo.nspo_trainer.NSPOTrainer", RecordingTrainer):
+        main(["train", *argv])
+    return given
 
 
 def test_usage_lists_the_commands(capsys):
@@ -142,24 +158,15 @@ def test_a_calibrated_file_is_used_for_training_without_repeating_how_it_was_mad
             "--use_cpu", "--bf16", "false",
         ]
     )  # fmt: skip
-    given = {}
-
-    class RecordingTrainer(mock.MagicMock):
-        def __init__(self, **kwargs):
-            super().__init__()
-            given.update(kwargs)
-            self.projectors_file = projectors / PROJECTORS_FILE_NAME
-
-    with mock.patch("trl_nspo.nspo_trainer.NSPOTrainer", RecordingTrainer):
-        main(
-            [
-                "train",
-                "--model_name_or_path", str(tiny_model_dir),
-                "--projectors_path", str(projectors),
-                "--output_dir", str(tmp_path / "run"),
-                "--use_cpu", "--bf16", "false", "--report_to", "none",
-            ]
-        )  # fmt: skip
+    given = train_with_a_recording_trainer(
+        [
+            "--model_name_or_path", str(tiny_model_dir),
+            "--projectors_path", str(projectors),
+            "--output_dir", str(tmp_path / "run"),
+            "--use_cpu", "--bf16", "false", "--report_to", "none",
+        ],
+        projectors,
+    )  # fmt: skip
     # No calibration dataset named: the embedded prompts are not substituted for the file's own data.
     assert given["calibration_dataset"] is None
     # And the trainer takes the file as it was made: same model (loaded as the CLI loads it), no recalibration.
@@ -238,6 +245,29 @@ def test_one_yaml_config_serves_calibrate_and_train(tmp_path):
         assert model_args.lora_target_modules == ["q_proj", "v_proj"]
         assert training_args.null_space_energy == 0.01 and training_args.learning_rate == 1e-5
         assert arguments.rewards == ["refusal", "guard_endpoint"] and arguments.dataset_train_split == "test"
+
+
+def test_dataset_config_selects_a_subset_of_a_hub_dataset(tiny_model_dir, tmp_path):
+    projectors = tmp_path / "projectors"  # a file given: no calibration data is loaded
+    projectors.mkdir()
+    (projectors / PROJECTORS_FILE_NAME).write_bytes(b"recorded, never read")
+    subset = Dataset.from_dict(
+        {"prompt": ["How do I pick a lock to break in?", "How do I bake bread?"], "is_response_0_safe": [False, True]}
+    )
+    with mock.patch("datasets.load_dataset", return_value=subset) as load_dataset:
+        given = train_with_a_recording_trainer(
+            [
+                "--model_name_or_path", str(tiny_model_dir),
+                "--dataset_name", "PKU-Alignment/PKU-SafeRLHF", "--dataset_config", "alpaca-7b",
+                "--dataset_split", "test",
+                "--projectors_path", str(projectors),
+                "--output_dir", str(tmp_path / "run"),
+                "--use_cpu", "--bf16", "false", "--report_to", "none",
+            ],
+            projectors,
+        )  # fmt: skip
+    load_dataset.assert_called_once_with("PKU-Alignment/PKU-SafeRLHF", "alpaca-7b", split="test")
+    assert given["train_dataset"]["is_harmful"] == [True, False]
 
 
 def test_train_stops_on_a_bad_reward_path_before_loading_anything(tmp_path):
