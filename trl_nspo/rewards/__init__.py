@@ -16,6 +16,7 @@ path of any reward function of the user's.
 
 from .completions import completion_text
 from .guard_endpoint import GuardEndpointError, GuardEndpointReward, GuardVerdict, parse_guard_answer
+from .local_guard import LocalGuardReward
 from .refusal import REFUSAL_PHRASE_WEIGHTS, RefusalReward, refusal_score
 from .registry import REWARDS, RewardArguments, RewardLoadingError, import_reward_function, reward_functions
 
@@ -35,13 +36,3 @@ __all__ = [
     "refusal_score",
     "reward_functions",
 ]
-
-
-def __getattr__(name: str):
-    # The local guard needs torch and transformers; the other rewards and the registry (read by `trl-nspo --help`)
-    # must not load them.
-    if name == "LocalGuardReward":
-        from .local_guard import LocalGuardReward
-
-        return LocalGuardReward
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .guard_endpoint import GuardEndpointReward
+from .local_guard import LocalGuardReward
 from .refusal import RefusalReward
 
 RewardFunction = Callable[..., list[float | None]]
@@ -40,33 +41,19 @@ class RegisteredReward:
     required_options: tuple[str, ...] = ()
 
 
-def _refusal_reward(arguments: "RewardArguments") -> RewardFunction:
-    return RefusalReward(over_refusal_penalty=arguments.over_refusal_penalty)
-
-
-def _guard_endpoint_reward(arguments: "RewardArguments") -> RewardFunction:
-    return GuardEndpointReward(arguments.guard_base_url, arguments.guard_model)
-
-
-def _local_guard_reward(arguments: "RewardArguments") -> RewardFunction:
-    from .local_guard import LocalGuardReward  # torch and transformers: loaded only when this reward is chosen
-
-    return LocalGuardReward(arguments.guard_model)
-
-
 REWARDS: dict[str, RegisteredReward] = {
     "refusal": RegisteredReward(
         "rule-based, graded refusal score with a penalty for refusing benign prompts (`--over_refusal_penalty`)",
-        _refusal_reward,
+        lambda arguments: RefusalReward(over_refusal_penalty=arguments.over_refusal_penalty),
     ),
     "guard_endpoint": RegisteredReward(
         "a guard model's verdict (Llama Guard behind an OpenAI-compatible server such as vLLM)",
-        _guard_endpoint_reward,
+        lambda arguments: GuardEndpointReward(arguments.guard_base_url, arguments.guard_model),
         required_options=("guard_base_url", "guard_model"),
     ),
     "local_guard": RegisteredReward(
         "a guard model loaded with transformers, scored from its probability of answering unsafe",
-        _local_guard_reward,
+        lambda arguments: LocalGuardReward(arguments.guard_model),
         required_options=("guard_model",),
     ),
 }
