@@ -217,7 +217,7 @@ def measure_calibration(arguments: CostArguments, model_path: Path, tokenizer, p
     for rule in MEMORY_RULES:
         projectors = projectors_for_rule(decompositions, rule, model, tokenizer, dataset, settings, inputs)
         by_rule[rule_key(rule)] = {"rule": asdict(rule), **null_space_statistics(projectors, arguments.lora_r)}
-        if rule == MAIN_RULE:
+        if rule is MAIN_RULE:
             projectors.save(projectors_dir)
     group_dims = [accumulator.input_dim for _, accumulator in groups]
     module_dims = {name: module.in_features for name, module in modules.items()}

@@ -71,13 +71,12 @@ NSPO_ONLY_FIELDS = frozenset(f.name for f in fields(NSPOConfig)) - frozenset(f.n
 
 def rule_label(rule: NullSpaceRule) -> str:
     """`relative α=1e-04`, `energy ε=1e-03`, or `energy ε=1e-03, max 64` with a cap on the null dimension."""
-    label = f"relative α={rule.alpha:.0e}" if rule.rule == "relative" else f"energy ε={rule.energy:.0e}"
-    return label if rule.max_null_dim is None else f"{label}, max {rule.max_null_dim}"
+    return rule.label()
 
 
 def rule_key(rule: NullSpaceRule) -> str:
     """A file-name-safe key: `relative-1e-04`, `energy-1e-03`, `energy-1e-03-max64`."""
-    key = f"{rule.rule}-{rule.alpha if rule.rule == 'relative' else rule.energy:.0e}"
+    key = f"{rule.rule}-{rule.threshold:.0e}"
     return key if rule.max_null_dim is None else f"{key}-max{rule.max_null_dim}"
 
 

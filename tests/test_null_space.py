@@ -7,10 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trl_nspo.null_space import (
+    NULL_SPACE_RULES,
     CovarianceAccumulator,
     NullSpaceBasis,
     NullSpaceError,
     NullSpaceRule,
+    SelectionRule,
     decompose_covariance,
     null_space_from_covariance,
     relative_output_change,
@@ -67,6 +69,43 @@ class TestNullSpaceRule:
     def test_bad_values_fail_at_construction(self, kwargs, message):
         with pytest.raises(NullSpaceError, match=message):
             NullSpaceRule(**kwargs)
+
+    def test_unknown_rule_error_lists_the_registered_rules(self):
+        with pytest.raises(NullSpaceError, match="use one of " + ", ".join(repr(name) for name in NULL_SPACE_RULES)):
+            NullSpaceRule(rule="svd")
+
+    def test_a_rule_compares_only_the_settings_it_selects_with(self):
+        # A file made with the relative rule must match a run that changes only the (unused) energy threshold.
+        made = NullSpaceRule(rule="relative", alpha=1e-3, energy=1e-4, max_null_dim=8)
+        assert made.parameters() == {"rule": "relative", "alpha": 1e-3, "max_null_dim": 8}
+        assert made.selection_differences(NullSpaceRule(rule="relative", alpha=1e-3, energy=0.5, max_null_dim=8)) == []
+        assert made.selection_differences(NullSpaceRule(rule="relative", alpha=1e-2, energy=0.5, max_null_dim=8)) == [
+            ("alpha", 1e-3, 1e-2)
+        ]
+
+
+# Ascending, total 100: the relative and energy rules of the registry select 2 directions from it at these thresholds.
+SPECTRUM = torch.tensor([1e-6, 1e-5, 3.0, 96.99999], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", sorted(NULL_SPACE_RULES))
+def test_every_registered_rule_selects_and_describes_itself(name):
+    selection = NULL_SPACE_RULES[name]
+    assert selection.name == name and isinstance(selection, SelectionRule)
+    rule = NullSpaceRule(rule=name, **{selection.parameter: 1e-3}, max_null_dim=5)
+    assert rule.threshold == 1e-3 and rule.parameters()[selection.parameter] == 1e-3
+    assert rule.null_dimension(SPECTRUM) == 2
+    assert NullSpaceRule(rule=name, **{selection.parameter: 1e-3}, max_null_dim=1).null_dimension(SPECTRUM) == 1
+    assert rule.description().endswith(", at most 5 dimensions") and "0.001" in rule.description()
+    assert rule.label() == f"{name} {selection.symbol}=1e-03, max 5"
+
+
+def test_registered_rules_describe_themselves_in_words():
+    assert NullSpaceRule(rule="relative", alpha=5e-5).description() == "eigenvalues below 5e-05 × the largest"
+    assert NullSpaceRule(rule="energy", energy=1e-3, max_null_dim=128).description() == (
+        "smallest eigen-directions holding ≤ 0.001 of the input energy, at most 128 dimensions"
+    )
+    assert NullSpaceRule(rule="relative", alpha=1e-4).label() == "relative α=1e-04"
 
 
 class TestCovarianceAccumulator:

@@ -11,30 +11,105 @@ basis U or its complement R, whichever is smaller) and the row projection x ↦ 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
-
-NullSpaceRuleName = Literal["relative", "energy"]
 
 
 class NullSpaceError(ValueError):
     """Raised when a null space cannot be computed or would not preserve anything."""
 
 
+class SelectionRule(ABC):
+    """
+    One way of choosing the null space from a covariance's eigenvalues, registered by name in [`NULL_SPACE_RULES`].
+
+    A rule reads one threshold, the [`NullSpaceRule`] field named by `parameter`; a new rule is a subclass here and
+    one [`register_null_space_rule`] call (plus a `NullSpaceRule`/`NSPOConfig` field if its threshold is new).
+    """
+
+    name: str
+    parameter: str
+    symbol: str
+    typical_values: str
+
+    def check(self, threshold: float) -> None:
+        """Raises [`NullSpaceError`] unless `threshold` is in (0, 1) (NaN is not)."""
+        if not 0.0 < threshold < 1.0:
+            raise NullSpaceError(f"{self.parameter} must be in (0, 1), got {threshold}. {self.typical_values}")
+
+    @abstractmethod
+    def null_dimension(self, eigenvalues: torch.Tensor, threshold: float) -> int:
+        """Number of smallest eigen-directions in the null space, from non-negative ascending `eigenvalues`."""
+
+    @abstractmethod
+    def describe(self, threshold: float) -> str:
+        """What the rule keeps, in words, for the model card: `"eigenvalues below 5e-05 × the largest"`."""
+
+    def label(self, threshold: float) -> str:
+        """A short name of the rule with its threshold, for tables and plots: `"relative α=5e-05"`."""
+        return f"{self.name} {self.symbol}={threshold:.0e}"
+
+
+class RelativeEigenvalueRule(SelectionRule):
+    """Every eigen-direction with eigenvalue < α · the largest eigenvalue (the original NSPO code, α = 5e-5)."""
+
+    name = "relative"
+    parameter = "alpha"
+    symbol = "α"
+    typical_values = "The original NSPO code uses 5e-5."
+
+    def null_dimension(self, eigenvalues: torch.Tensor, threshold: float) -> int:
+        return int((eigenvalues < threshold * eigenvalues[-1]).sum().item())
+
+    def describe(self, threshold: float) -> str:
+        return f"eigenvalues below {threshold:g} × the largest"
+
+
+class EnergyFractionRule(SelectionRule):
+    """The largest set of smallest eigen-directions whose eigenvalues sum to at most ε of the total."""
+
+    name = "energy"
+    parameter = "energy"
+    symbol = "ε"
+    typical_values = "Typical values are 1e-5 to 1e-3."
+
+    def null_dimension(self, eigenvalues: torch.Tensor, threshold: float) -> int:
+        cumulative = torch.cumsum(eigenvalues, dim=0)
+        return int((cumulative <= threshold * cumulative[-1]).sum().item())
+
+    def describe(self, threshold: float) -> str:
+        return f"smallest eigen-directions holding ≤ {threshold:g} of the input energy"
+
+
+NULL_SPACE_RULES: dict[str, SelectionRule] = {}
+
+
+def register_null_space_rule(rule: SelectionRule) -> SelectionRule:
+    """Makes `rule` selectable by its name (`NullSpaceRule(rule=...)`, `NSPOConfig.null_space_rule`, the CLI)."""
+    NULL_SPACE_RULES[rule.name] = rule
+    return rule
+
+
+register_null_space_rule(RelativeEigenvalueRule())
+register_null_space_rule(EnergyFractionRule())
+
+
 @dataclass(frozen=True)
 class NullSpaceRule:
     """
-    How to pick the null space from the eigenvalues of an input covariance.
+    How to pick the null space from the eigenvalues of an input covariance: a registered [`SelectionRule`], the
+    thresholds, and a cap. Every threshold is checked whichever rule is used: a bad value is a mistake either way.
 
     Args:
         rule (`str`, *optional*, defaults to `"relative"`):
-            `"relative"`: every eigen-direction with eigenvalue < `alpha` · largest eigenvalue (the original NSPO
-            code, α = 5e-5). `"energy"`: the largest set of smallest eigen-directions whose eigenvalues sum to at most
-            `energy` of the total.
+            Name of a rule in [`NULL_SPACE_RULES`]. `"relative"`: every eigen-direction with eigenvalue < `alpha` ·
+            largest eigenvalue (the original NSPO code, α = 5e-5). `"energy"`: the largest set of smallest
+            eigen-directions whose eigenvalues sum to at most `energy` of the total.
         alpha (`float`, *optional*, defaults to `5e-5`):
             Relative eigenvalue threshold of the `"relative"` rule, in (0, 1).
         energy (`float`, *optional*, defaults to `1e-4`):
@@ -43,32 +118,55 @@ class NullSpaceRule:
             Upper bound on the null dimension; the smallest eigen-directions are kept.
     """
 
-    rule: NullSpaceRuleName = "relative"
+    rule: str = "relative"
     alpha: float = 5e-5
     energy: float = 1e-4
     max_null_dim: int | None = None
 
     def __post_init__(self) -> None:
-        if self.rule not in ("relative", "energy"):
-            raise NullSpaceError(f"Unknown null-space rule {self.rule!r}; use 'relative' or 'energy'.")
-        if not 0.0 < self.alpha < 1.0:
-            raise NullSpaceError(f"alpha must be in (0, 1), got {self.alpha}. The original NSPO code uses 5e-5.")
-        if not 0.0 < self.energy < 1.0:
-            raise NullSpaceError(f"energy must be in (0, 1), got {self.energy}. Typical values are 1e-5 to 1e-3.")
+        if self.rule not in NULL_SPACE_RULES:
+            raise NullSpaceError(
+                f"Unknown null-space rule {self.rule!r}; use one of {', '.join(map(repr, NULL_SPACE_RULES))}."
+            )
+        for selection in NULL_SPACE_RULES.values():
+            selection.check(getattr(self, selection.parameter))
         if self.max_null_dim is not None and self.max_null_dim < 1:
             raise NullSpaceError(f"max_null_dim must be a positive integer or None, got {self.max_null_dim}.")
+
+    @property
+    def selection(self) -> SelectionRule:
+        return NULL_SPACE_RULES[self.rule]
+
+    @property
+    def threshold(self) -> float:
+        """The value of the one threshold this rule reads (`alpha` or `energy`)."""
+        return getattr(self, self.selection.parameter)
+
+    def parameters(self) -> dict[str, Any]:
+        """The settings this rule selects with: its name, its threshold and the cap (the others play no part)."""
+        return {"rule": self.rule, self.selection.parameter: self.threshold, "max_null_dim": self.max_null_dim}
+
+    def description(self) -> str:
+        """What the rule keeps, in words (model card): `"eigenvalues below 5e-05 × the largest, at most 128
+        dimensions"`."""
+        described = self.selection.describe(self.threshold)
+        return described if self.max_null_dim is None else f"{described}, at most {self.max_null_dim} dimensions"
+
+    def label(self) -> str:
+        """A short name for tables and plots: `"relative α=1e-04"`, or `"energy ε=1e-03, max 64"` with a cap."""
+        label = self.selection.label(self.threshold)
+        return label if self.max_null_dim is None else f"{label}, max {self.max_null_dim}"
 
     def selection_differences(self, other: NullSpaceRule) -> list[tuple[str, Any, Any]]:
         """
         The settings in which `other` selects differently from this rule, as `(field, this value, other value)`;
         empty when both select the same null spaces from any eigenvalues (a field neither rule uses may differ).
         """
-        used = {"rule", "max_null_dim", "alpha" if self.rule == "relative" else "energy"}
-        used.add("alpha" if other.rule == "relative" else "energy")
+        used = self.parameters().keys() | other.parameters().keys()
         return [
-            (name, getattr(self, name), getattr(other, name))
-            for name in ("rule", "alpha", "energy", "max_null_dim")
-            if name in used and getattr(self, name) != getattr(other, name)
+            (setting.name, getattr(self, setting.name), getattr(other, setting.name))
+            for setting in fields(self)
+            if setting.name in used and getattr(self, setting.name) != getattr(other, setting.name)
         ]
 
     def null_dimension(self, eigenvalues: torch.Tensor) -> int:
@@ -83,14 +181,9 @@ class NullSpaceRule:
             `int`: the null dimension k; the null basis is the first k eigenvectors.
         """
         eigenvalues = eigenvalues.clamp(min=0.0)
-        largest = eigenvalues[-1].item()
-        if largest <= 0.0:
+        if eigenvalues[-1].item() <= 0.0:
             raise NullSpaceError("The covariance is zero: the layer saw no calibration input (or only zeros).")
-        if self.rule == "relative":
-            null_dim = int((eigenvalues < self.alpha * largest).sum().item())
-        else:
-            cumulative = torch.cumsum(eigenvalues, dim=0)
-            null_dim = int((cumulative <= self.energy * cumulative[-1]).sum().item())
+        null_dim = self.selection.null_dimension(eigenvalues, self.threshold)
         if self.max_null_dim is not None:
             null_dim = min(null_dim, self.max_null_dim)
         return null_dim
