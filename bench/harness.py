@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +38,12 @@ from trl_nspo import NSPOConfig, NullSpaceProjectors, NullSpaceRule
 from trl_nspo.calibration import (
     CalibrationSettings,
     base_linear,
-    calibration_record,
     calibration_token_sequences,
     find_constrained_modules,
     layer_input_covariances,
     model_fingerprint,
     pad_token_id,
-    tokens_fingerprint,
+    projectors_calibration_record,
 )
 from trl_nspo.data import embedded_prompts
 from trl_nspo.demo import DemoArguments, grpo_settings
@@ -334,13 +333,9 @@ def projectors_for_rule(
         groups=groups,
         rule=rule,
         model_fingerprint=model_fingerprint(model),
-        calibration={
-            **asdict(settings),
-            **inputs.counts,
-            "token_count": inputs.token_count,
-            "data_fingerprint": tokens_fingerprint(inputs.sequences),
-            **calibration_record(model, tokenizer, dataset, settings),
-        },
+        calibration=projectors_calibration_record(
+            model, tokenizer, dataset, settings, inputs.sequences, inputs.counts
+        ),
     )
 
 

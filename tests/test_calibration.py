@@ -1,4 +1,4 @@
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -212,7 +212,7 @@ class TestComputeProjectors:
                 torch.nn.init.normal_(module.lora_B["default"].weight)  # adapters must not leak into calibration
         adapted = compute_projectors(peft_model, tiny_tokenizer, dataset, settings)
         assert plain.model_fingerprint == again.model_fingerprint == adapted.model_fingerprint
-        assert plain.calibration["data_fingerprint"] == adapted.calibration["data_fingerprint"]
+        assert plain.calibration.data_fingerprint == adapted.calibration.data_fingerprint
         assert list(plain.groups) == list(adapted.groups)
         for key, group in plain.groups.items():
             torch.testing.assert_close(group.basis.basis, again.groups[key].basis.basis, rtol=0, atol=0)
@@ -240,7 +240,7 @@ class TestComputeProjectors:
             projectors = compute_projectors(tiny_model, tiny_tokenizer, dataset, settings, NullSpaceRule(alpha=1e-10))
         ids = tiny_tokenizer("What is 12 times 7? It is 84.")["input_ids"]
         tokens = len(ids)
-        assert projectors.calibration["token_count"] == tokens
+        assert projectors.calibration.token_count == tokens
         null_dims = projectors.null_dims()
         # Layer 0's attention input is the token embedding alone, so a repeated token adds no direction.
         assert len(set(ids)) < tokens
@@ -273,6 +273,6 @@ def test_calibration_record_follows_what_steers_the_completions(tiny_model, tiny
     assert calibration_record(tiny_model, tiny_tokenizer, dataset, settings) == before
     tiny_model.generation_config.repetition_penalty = 1.3
     after = calibration_record(tiny_model, tiny_tokenizer, dataset, settings)
-    assert [key for key in before if before[key] != after[key]] == ["completion_fingerprint"]
+    assert [key for key, value in asdict(before).items() if getattr(after, key) != value] == ["completion_fingerprint"]
     without = calibration_record(tiny_model, tiny_tokenizer, dataset, replace(settings, generate_completions=False))
-    assert "completion_fingerprint" not in without
+    assert without.completion_fingerprint is None

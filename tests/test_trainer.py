@@ -433,7 +433,7 @@ class TestProjectorFiles:
             projectors_path=path,
             calibration_completion_length=16,
         )
-        assert trainer.projectors.calibration["completion_length"] == 8
+        assert trainer.projectors.calibration.completion_length == 8
 
     def test_rule_setting_the_rule_does_not_use_is_not_compared(self, tiny_model_dir, tmp_path):
         path = str(tmp_path / "p")

@@ -15,7 +15,7 @@ import logging
 import re
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from .null_space import CovarianceAccumulator, NullSpaceBasis, NullSpaceError, NullSpaceRule, decompose_covariance
-from .projectors import ModelFingerprint, NullSpaceProjectors, ProjectorGroup
+from .projectors import CalibrationRecord, ModelFingerprint, NullSpaceProjectors, ProjectorGroup
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def tokens_fingerprint(sequences: Sequence[Sequence[int]]) -> str:
 
 def calibration_record(
     model: nn.Module, processing_class, dataset: Dataset, settings: CalibrationSettings
-) -> dict[str, Any]:
+) -> CalibrationRecord:
     """
     What reaches the layers in calibration, given the model: the settings that shape the sequences, and fingerprints
     of the dataset rows used, of the chat template, of the prompts' token ids and, with completions, of what steers
@@ -289,15 +289,15 @@ def calibration_record(
         rows_digest.update(json.dumps(row, sort_keys=True, default=str).encode())
     prompts, _, _ = calibration_prompts(processing_class, dataset, settings)
     template = json.dumps(getattr(tokenizer, "chat_template", None), sort_keys=True)
-    record = {
-        "num_samples": settings.num_samples,
-        "max_length": settings.max_length,
-        "generate_completions": settings.generate_completions,
-        "completion_length": settings.completion_length,
-        "rows_fingerprint": rows_digest.hexdigest()[:16],
-        "chat_template_fingerprint": hashlib.sha256(template.encode()).hexdigest()[:16],
-        "prompt_fingerprint": hashlib.sha256(tokens_fingerprint(prompts).encode()).hexdigest()[:16],
-    }
+    record = CalibrationRecord(
+        num_samples=settings.num_samples,
+        max_length=settings.max_length,
+        generate_completions=settings.generate_completions,
+        completion_length=settings.completion_length,
+        rows_fingerprint=rows_digest.hexdigest()[:16],
+        chat_template_fingerprint=hashlib.sha256(template.encode()).hexdigest()[:16],
+        prompt_fingerprint=hashlib.sha256(tokens_fingerprint(prompts).encode()).hexdigest()[:16],
+    )
     if settings.generate_completions:
         # Greedy decoding also follows the generation config (repetition penalty, suppressed tokens…) and stops at
         # its EOS ids; the pad id only fills masked positions (and GRPOTrainer rewrites it).
@@ -307,10 +307,31 @@ def calibration_record(
             if key not in ("pad_token_id", "transformers_version", "_from_model_config")
         }
         generation["stop_token_ids"] = sorted(stop_token_ids(model, tokenizer))
-        record["completion_fingerprint"] = hashlib.sha256(
+        record.completion_fingerprint = hashlib.sha256(
             json.dumps(generation, sort_keys=True, default=str).encode()
         ).hexdigest()[:16]
     return record
+
+
+def projectors_calibration_record(
+    model: nn.Module,
+    processing_class,
+    dataset: Dataset,
+    settings: CalibrationSettings,
+    sequences: Sequence[Sequence[int]],
+    counts: dict[str, int],
+) -> CalibrationRecord:
+    """
+    The record a projector file keeps: [`calibration_record`] with every setting, the counts of
+    [`calibration_token_sequences`], and the token count and fingerprint of all the calibration `sequences`.
+    """
+    return replace(
+        calibration_record(model, processing_class, dataset, settings),
+        **asdict(settings),
+        **counts,
+        token_count=sum(len(ids) for ids in sequences),
+        data_fingerprint=tokens_fingerprint(sequences),
+    )
 
 
 @contextlib.contextmanager
@@ -713,13 +734,7 @@ def compute_projectors(
         groups=groups,
         rule=rule,
         model_fingerprint=fingerprint,
-        calibration={
-            **asdict(settings),
-            **counts,
-            "token_count": sum(len(ids) for ids in sequences),
-            "data_fingerprint": tokens_fingerprint(sequences),
-            **calibration_record(model, processing_class, dataset, settings),
-        },
+        calibration=projectors_calibration_record(model, processing_class, dataset, settings, sequences, counts),
     )
     _warn_about_thin_calibration(projectors)
     return projectors
