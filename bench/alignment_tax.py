@@ -71,7 +71,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError, NullSpaceRule
-from trl_nspo.calibration import CalibrationSettings
+from trl_nspo.calibration_data import CalibrationSettings
 from trl_nspo.data import demo_safety_dataset, embedded_prompts
 from trl_nspo.demo import DemoArguments
 from trl_nspo.evaluation import evaluate, greedy_answers

@@ -64,14 +64,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceRule
-from trl_nspo.calibration import (
-    calibration_token_sequences,
-    eval_mode,
-    find_constrained_modules,
-    layer_input_covariances,
-    pad_token_id,
-    right_padded_batches,
-)
+from trl_nspo.calibration import find_constrained_modules, layer_input_covariances
+from trl_nspo.calibration_data import calibration_token_sequences, eval_mode, pad_token_id, right_padded_batches
 from trl_nspo.data import demo_safety_dataset, embedded_prompts
 from trl_nspo.demo import DemoArguments
 from trl_nspo.projectors import PROJECTORS_FILE_NAME

@@ -35,19 +35,12 @@ from transformers import HfArgumentParser, TrainerCallback
 from trl import GRPOConfig
 
 from trl_nspo import NSPOConfig, NullSpaceProjectors, NullSpaceRule
-from trl_nspo.calibration import (
-    CalibrationSettings,
-    base_linear,
-    calibration_token_sequences,
-    find_constrained_modules,
-    layer_input_covariances,
-    model_fingerprint,
-    pad_token_id,
-    projectors_calibration_record,
-)
+from trl_nspo.calibration import base_linear, find_constrained_modules, layer_input_covariances
+from trl_nspo.calibration_data import CalibrationSettings, calibration_token_sequences, pad_token_id
 from trl_nspo.data import embedded_prompts
 from trl_nspo.demo import DemoArguments, grpo_settings
 from trl_nspo.evaluation import EvaluationPrompts
+from trl_nspo.fingerprints import model_fingerprint, projectors_calibration_record
 from trl_nspo.null_space import CovarianceAccumulator, NullSpaceBasis, decompose_covariance
 from trl_nspo.projectors import ProjectorGroup
 from trl_nspo.smollm2 import prepare_smollm2

@@ -24,14 +24,8 @@ from trl_nspo import (
     NullSpaceProjectors,
     ProjectorFileError,
 )
-from trl_nspo.calibration import (
-    CalibrationSettings,
-    base_linear,
-    calibration_token_sequences,
-    find_constrained_modules,
-    layer_input_covariances,
-    pad_token_id,
-)
+from trl_nspo.calibration import base_linear, find_constrained_modules, layer_input_covariances
+from trl_nspo.calibration_data import CalibrationSettings, calibration_token_sequences, pad_token_id
 from trl_nspo.constraint import UnsupportedSetupError
 from trl_nspo.nspo_trainer import SMALL_KEPT_GRADIENT_FRACTION
 

@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from .calibration import CalibrationSettings
+from .calibration_data import CalibrationSettings
 from .null_space import NULL_SPACE_RULES, NullSpaceRule
 from .precision import accelerator_available, bf16_supported
 

@@ -14,15 +14,9 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 from trl import GRPOConfig, GRPOTrainer
 
-from .calibration import (
-    calibration_record,
-    compute_projectors,
-    constrained_input_dim,
-    find_constrained_modules,
-    model_fingerprint,
-    requires_grad_kept,
-)
+from .calibration import compute_projectors, constrained_input_dim, find_constrained_modules, requires_grad_kept
 from .constraint import NullSpaceConstraint, UnsupportedSetupError, check_peft_config, check_peft_model
+from .fingerprints import calibration_record, model_fingerprint
 from .model_card import render_model_card
 from .nspo_config import NSPOConfig
 from .null_space import NullSpaceError
