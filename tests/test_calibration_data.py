@@ -66,3 +66,13 @@ class TestSequences:
     def test_bad_datasets_are_refused(self, tiny_model, tiny_tokenizer, data, message):
         with pytest.raises(NullSpaceError, match=message):
             calibration_token_sequences(tiny_model, tiny_tokenizer, Dataset.from_dict(data), NO_COMPLETIONS, False)
+
+
+def test_a_prompt_ending_with_an_assistant_message_is_continued_as_trl_does(tiny_model, tiny_tokenizer):
+    prompt = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    dataset = Dataset.from_dict({"prompt": [prompt]})
+    settings = CalibrationSettings(generate_completions=False)
+    sequences, _ = calibration_token_sequences(tiny_model, tiny_tokenizer, dataset, settings, False)
+    continued = tiny_tokenizer.apply_chat_template(prompt, continue_final_message=True)["input_ids"]
+    assert sequences == [list(continued)]
+    assert tiny_tokenizer.decode(sequences[0]).rstrip().endswith("The colour is")

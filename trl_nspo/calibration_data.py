@@ -17,6 +17,7 @@ from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+from trl.data_utils import apply_chat_template, is_conversational
 
 from .null_space import NullSpaceError
 
@@ -105,14 +106,18 @@ def calibration_prompts(
             f"The calibration dataset has columns {rows.column_names}; NSPO needs one of 'prompt' (text or chat "
             "messages), 'messages' (conversations) or 'text'. Rename a column or use `trl_nspo.data`."
         )
+    # TRL's name for a whole conversation is `messages`; a `text` column of conversations is rendered as one.
+    key = "prompt" if column == "prompt" else "messages"
     texts = []
     for value in rows[column]:
-        if isinstance(value, str):
-            texts.append((value, True))
+        example = {key: value}
+        if is_conversational(example):
+            # Rendered as TRL renders its datasets: a prompt gets the generation prompt (or continues a final
+            # assistant message), a conversation does not. The template adds its own special tokens: not twice.
+            rendered = apply_chat_template(example, tokenizer)
+            texts.append((rendered["prompt" if key == "prompt" else "text"], False))
         else:
-            # Chat templates add their own special tokens, so the rendered text must not get them twice.
-            rendered = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=column == "prompt")
-            texts.append((rendered, False))
+            texts.append((value, True))
     sequences = []
     truncated = 0
     for text, add_special_tokens in texts:
