@@ -11,8 +11,7 @@ basis U or its complement R, whichever is smaller) and the row projection x ↦ 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
@@ -24,17 +23,38 @@ class NullSpaceError(ValueError):
     """Raised when a null space cannot be computed or would not preserve anything."""
 
 
-class SelectionRule(ABC):
+# A selection: (non-negative ascending eigenvalues, threshold) → number of smallest eigen-directions in the null space.
+NullDimension = Callable[[torch.Tensor, float], int]
+
+
+@dataclass(frozen=True)
+class SelectionRule:
     """
     One way of choosing the null space from a covariance's eigenvalues, registered by name in [`NULL_SPACE_RULES`].
+    A new rule is one function here, decorated with [`register_null_space_rule`] (plus a `NullSpaceRule` and
+    `NSPOConfig` field if its threshold is a new one).
 
-    A rule reads one threshold, the [`NullSpaceRule`] field named by `parameter`; a new rule is a subclass here and
-    one [`register_null_space_rule`] call (plus a `NullSpaceRule`/`NSPOConfig` field if its threshold is new).
+    Args:
+        name (`str`):
+            What `NullSpaceRule(rule=...)`, `NSPOConfig.null_space_rule` and the CLI call it.
+        parameter (`str`):
+            The [`NullSpaceRule`] field holding its threshold, in (0, 1).
+        symbol (`str`):
+            How labels write the threshold (`α`, `ε`).
+        null_dimension (`Callable[[torch.Tensor, float], int]`):
+            The number of smallest eigen-directions in the null space, from non-negative ascending eigenvalues (the
+            largest positive) and the threshold.
+        description (`str`):
+            What the rule keeps, in words, with `{threshold}` where the threshold goes (for the model card).
+        typical_values (`str`):
+            Advice the error for a threshold out of range ends with.
     """
 
     name: str
     parameter: str
     symbol: str
+    null_dimension: NullDimension
+    description: str
     typical_values: str
 
     def check(self, threshold: float) -> None:
@@ -42,61 +62,53 @@ class SelectionRule(ABC):
         if not 0.0 < threshold < 1.0:
             raise NullSpaceError(f"{self.parameter} must be in (0, 1), got {threshold}. {self.typical_values}")
 
-    @abstractmethod
-    def null_dimension(self, eigenvalues: torch.Tensor, threshold: float) -> int:
-        """Number of smallest eigen-directions in the null space, from non-negative ascending `eigenvalues`."""
-
-    @abstractmethod
     def describe(self, threshold: float) -> str:
-        """What the rule keeps, in words, for the model card: `"eigenvalues below 5e-05 × the largest"`."""
+        """What the rule keeps, in words: `"eigenvalues below 5e-05 × the largest"`."""
+        return self.description.format(threshold=threshold)
 
     def label(self, threshold: float) -> str:
         """A short name of the rule with its threshold, for tables and plots: `"relative α=5e-05"`."""
         return f"{self.name} {self.symbol}={threshold:.0e}"
 
 
-class RelativeEigenvalueRule(SelectionRule):
-    """Every eigen-direction with eigenvalue < α · the largest eigenvalue (the original NSPO code, α = 5e-5)."""
-
-    name = "relative"
-    parameter = "alpha"
-    symbol = "α"
-    typical_values = "The original NSPO code uses 5e-5."
-
-    def null_dimension(self, eigenvalues: torch.Tensor, threshold: float) -> int:
-        return int((eigenvalues < threshold * eigenvalues[-1]).sum().item())
-
-    def describe(self, threshold: float) -> str:
-        return f"eigenvalues below {threshold:g} × the largest"
-
-
-class EnergyFractionRule(SelectionRule):
-    """The largest set of smallest eigen-directions whose eigenvalues sum to at most ε of the total."""
-
-    name = "energy"
-    parameter = "energy"
-    symbol = "ε"
-    typical_values = "Typical values are 1e-5 to 1e-3."
-
-    def null_dimension(self, eigenvalues: torch.Tensor, threshold: float) -> int:
-        cumulative = torch.cumsum(eigenvalues, dim=0)
-        return int((cumulative <= threshold * cumulative[-1]).sum().item())
-
-    def describe(self, threshold: float) -> str:
-        return f"smallest eigen-directions holding ≤ {threshold:g} of the input energy"
-
-
 NULL_SPACE_RULES: dict[str, SelectionRule] = {}
 
 
-def register_null_space_rule(rule: SelectionRule) -> SelectionRule:
-    """Makes `rule` selectable by its name (`NullSpaceRule(rule=...)`, `NSPOConfig.null_space_rule`, the CLI)."""
-    NULL_SPACE_RULES[rule.name] = rule
-    return rule
+def register_null_space_rule(
+    name: str, parameter: str, symbol: str, description: str, typical_values: str
+) -> Callable[[NullDimension], NullDimension]:
+    """
+    Registers the decorated function `(eigenvalues, threshold) -> null dimension` as the [`SelectionRule`] `name`,
+    which `NullSpaceRule(rule=...)`, `NSPOConfig.null_space_rule` and the CLI then accept. The other arguments are
+    those of [`SelectionRule`].
+    """
+
+    def register(null_dimension: NullDimension) -> NullDimension:
+        NULL_SPACE_RULES[name] = SelectionRule(name, parameter, symbol, null_dimension, description, typical_values)
+        return null_dimension
+
+    return register
 
 
-register_null_space_rule(RelativeEigenvalueRule())
-register_null_space_rule(EnergyFractionRule())
+@register_null_space_rule(
+    "relative", "alpha", "α", "eigenvalues below {threshold:g} × the largest", "The original NSPO code uses 5e-5."
+)
+def _directions_below_relative_threshold(eigenvalues: torch.Tensor, alpha: float) -> int:
+    """Every eigen-direction with eigenvalue < α · the largest (the original NSPO code, α = 5e-5)."""
+    return int((eigenvalues < alpha * eigenvalues[-1]).sum().item())
+
+
+@register_null_space_rule(
+    "energy",
+    "energy",
+    "ε",
+    "smallest eigen-directions holding ≤ {threshold:g} of the input energy",
+    "Typical values are 1e-5 to 1e-3.",
+)
+def _directions_within_energy_fraction(eigenvalues: torch.Tensor, energy: float) -> int:
+    """The largest set of smallest eigen-directions whose eigenvalues sum to at most ε of the total."""
+    cumulative = torch.cumsum(eigenvalues, dim=0)
+    return int((cumulative <= energy * cumulative[-1]).sum().item())
 
 
 @dataclass(frozen=True)
