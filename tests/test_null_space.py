@@ -15,6 +15,7 @@ from trl_nspo.null_space import (
     SelectionRule,
     decompose_covariance,
     null_space_from_covariance,
+    register_null_space_rule,
     relative_output_change,
 )
 
@@ -244,3 +245,17 @@ def test_eigendecomposition_uses_half_the_threads_and_restores_them():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads_before)
+
+
+def test_a_registered_rule_is_selectable_by_name():
+    @register_null_space_rule("half", "energy", "ε", "the smaller half of the directions", "Any value works.")
+    def smaller_half(eigenvalues: torch.Tensor, threshold: float) -> int:
+        return len(eigenvalues) // 2
+
+    try:
+        rule = NullSpaceRule(rule="half", energy=0.5, max_null_dim=3)
+        assert rule.null_dimension(torch.arange(1.0, 9.0, dtype=torch.float64)) == 3
+        assert rule.description() == "the smaller half of the directions, at most 3 dimensions"
+        assert rule.selection_differences(NullSpaceRule(rule="half", energy=0.5, alpha=0.1, max_null_dim=3)) == []
+    finally:
+        del NULL_SPACE_RULES["half"]
