@@ -292,7 +292,7 @@ def layer_input_covariances(
         modules (`dict[str, nn.Module]`):
             The modules whose inputs to collect (see [`find_constrained_modules`]).
         sequences (`Sequence[Sequence[int]]`):
-            Token ids of this rank's sequences (see [`calibration_token_sequences`]).
+            Token ids of this rank's sequences (see [`~calibration_data.calibration_token_sequences`]).
         pad_id (`int`):
             Token id used for (right) padding; padded positions are masked out.
         settings ([`CalibrationSettings`]):

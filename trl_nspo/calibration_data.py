@@ -81,7 +81,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _tokenizer_of(processing_class) -> PreTrainedTokenizerBase:
+def tokenizer_of(processing_class) -> PreTrainedTokenizerBase:
     return getattr(processing_class, "tokenizer", processing_class)
 
 
@@ -96,7 +96,7 @@ def calibration_prompts(
         `tuple[list[list[int]], dict[str, int], str]`: the sequences, counts (rows, truncated rows, empty rows) and
         the column they came from.
     """
-    tokenizer = _tokenizer_of(processing_class)
+    tokenizer = tokenizer_of(processing_class)
     if len(dataset) == 0:
         raise NullSpaceError("The calibration dataset is empty; pass general-task prompts (`calibration_dataset`).")
     rows = dataset.select(range(min(settings.num_samples, len(dataset))))
@@ -153,7 +153,7 @@ def calibration_token_sequences(
     # Imported here: calibration.py, which owns it, imports this module.
     from .calibration import adapters_disabled
 
-    tokenizer = _tokenizer_of(processing_class)
+    tokenizer = tokenizer_of(processing_class)
     sequences, counts, column = calibration_prompts(processing_class, dataset, settings)
     generated_tokens = 0
     if settings.generate_completions and column == "prompt":
@@ -239,5 +239,5 @@ def right_padded_batches(
 
 
 def pad_token_id(processing_class) -> int:
-    tokenizer = _tokenizer_of(processing_class)
+    tokenizer = tokenizer_of(processing_class)
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

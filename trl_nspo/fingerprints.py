@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from .calibration_data import CalibrationSettings, _tokenizer_of, calibration_prompts, stop_token_ids
+from .calibration_data import CalibrationSettings, calibration_prompts, stop_token_ids, tokenizer_of
 from .projectors import CalibrationRecord, ModelFingerprint
 
 # Config fields that cannot change what a layer computes; everything else (rope, norms' eps, sizes…) is compared.
@@ -34,8 +34,6 @@ _CONFIG_FIELDS_WITHOUT_EFFECT = {
     # Padding is masked out; GRPOTrainer copies the tokenizer's pad id into the config, `trl-nspo calibrate` does not.
     "pad_token_id",
 }
-
-
 _HASH_BLOCK_ELEMENTS = 1 << 24
 
 
@@ -108,7 +106,7 @@ def calibration_record(
     greedy decoding (generation config, stop tokens). Cheap (tokenization only, no generation), so a saved projector
     file can be checked against the data a run is given.
     """
-    tokenizer = _tokenizer_of(processing_class)
+    tokenizer = tokenizer_of(processing_class)
     rows = dataset.select(range(min(settings.num_samples, len(dataset))))
     rows_digest = hashlib.sha256()
     for row in rows:
@@ -149,7 +147,8 @@ def projectors_calibration_record(
 ) -> CalibrationRecord:
     """
     The record a projector file keeps: [`calibration_record`] with every setting, the counts of
-    [`calibration_token_sequences`], and the token count and fingerprint of all the calibration `sequences`.
+    [`~calibration_data.calibration_token_sequences`], and the token count and fingerprint of all the calibration
+    `sequences`.
     """
     return replace(
         calibration_record(model, processing_class, dataset, settings),
