@@ -333,8 +333,9 @@ def compute_projectors(
     """
     Calibrates a model on general-task data and returns the null-space projectors of its constrained layers.
 
-    Under `torch.distributed`, each rank calibrates on its share of the rows, the covariances are summed across
-    ranks, and every rank decomposes the same summed covariance, so the projectors are identical everywhere.
+    With several processes (as accelerate's `PartialState` sees them), each calibrates on its share of the rows, the
+    covariances are summed across processes, and every process decomposes the same summed covariance, so the
+    projectors are identical everywhere.
 
     Args:
         model (`nn.Module`):
