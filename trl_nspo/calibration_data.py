@@ -73,6 +73,7 @@ class CalibrationSettings:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Runs the block with `model` in eval mode (no dropout), then puts its training flag back."""
     was_training = model.training
     model.eval()
     try:
@@ -82,6 +83,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def tokenizer_of(processing_class) -> PreTrainedTokenizerBase:
+    """The tokenizer itself, or the one a processor (multimodal models) holds."""
     return getattr(processing_class, "tokenizer", processing_class)
 
 
