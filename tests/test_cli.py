@@ -107,7 +107,7 @@ def test_calibrate_writes_projectors_for_the_adapter_targets(tiny_model_dir, gen
         f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in ("q", "v")
     )
     assert projectors.rule.alpha == 1e-9
-    assert projectors.calibration["generate_completions"] is False
+    assert projectors.calibration.generate_completions is False
     assert "Saved 4 module projectors" in capsys.readouterr().out
 
 
@@ -179,7 +179,7 @@ def test_a_calibrated_file_is_used_for_training_without_repeating_how_it_was_mad
             train_dataset=TRAIN,
             peft_config=lora(target_modules=["q_proj", "v_proj"]),
         )
-    assert trainer.projectors.calibration["num_samples"] == 2
+    assert trainer.projectors.calibration.num_samples == 2
     # Named again with the same settings, the data is checked against the file, and matches.
     calibration_settings = dict(
         calibration_num_samples=2, calibration_max_length=64, calibration_generate_completions=False
