@@ -33,12 +33,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.distributed import DistributedConfig
 
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceBasis, NullSpaceConstraint, NullSpaceRule, compute_projectors
-from trl_nspo.calibration import (
-    CalibrationSettings,
-    calibration_token_sequences,
-    layer_input_covariances,
-    pad_token_id,
-)
+from trl_nspo.calibration import layer_input_covariances
+from trl_nspo.calibration_data import CalibrationSettings, calibration_token_sequences, pad_token_id
 from trl_nspo.targets import base_linear, find_constrained_modules
 
 # A rank of 3 over 2 ranks gives uneven shards: 2 rows of every lora_A on rank 0, 1 on rank 1.

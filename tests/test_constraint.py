@@ -12,7 +12,8 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import TrainingArguments
 
-from trl_nspo.calibration import CalibrationSettings, compute_projectors
+from trl_nspo.calibration import compute_projectors
+from trl_nspo.calibration_data import CalibrationSettings
 from trl_nspo.constraint import PROJECTED_DRIFT_TOLERANCE, NullSpaceConstraint, check_training_engine
 from trl_nspo.null_space import NullSpaceError, NullSpaceRule
 from trl_nspo.targets import UnsupportedSetupError, lora_factors, modules_by_canonical_name

@@ -17,10 +17,10 @@ from peft import get_peft_model
 from test_trainer import CALIBRATION, EXACT_KERNEL_ALPHA, build_nspo, lora, output_change_on_calibration_inputs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_nspo.calibration import (
+from trl_nspo.calibration import compute_projectors
+from trl_nspo.calibration_data import (
     CalibrationSettings,
     calibration_token_sequences,
-    compute_projectors,
     eval_mode,
     pad_token_id,
     right_padded_batches,
