@@ -29,7 +29,7 @@ from trl_nspo.calibration import (
     right_padded_batches,
 )
 from trl_nspo.constraint import NullSpaceConstraint
-from trl_nspo.evaluation import float32_model
+from trl_nspo.demo import float32_model
 from trl_nspo.null_space import NullSpaceRule
 
 # bfloat16 keeps 8 significant bits: rounding moves each entry by at most 2⁻⁸ of its size.

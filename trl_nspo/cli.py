@@ -155,7 +155,8 @@ class TrainArguments(CalibrateArguments):
 
 
 def _calibration_dataset(arguments: CalibrateArguments, num_samples: int):
-    from .data import embedded_prompts, load_calibration_dataset
+    from .data import load_calibration_dataset
+    from .demo import embedded_prompts
 
     if arguments.calibration_dataset_name is None:
         return embedded_prompts("general_calibration")
@@ -251,7 +252,8 @@ def _reward_functions(arguments: TrainArguments) -> list[Callable]:
 def train(argv: Sequence[str]) -> None:
     from trl import ModelConfig, TrlParser, get_peft_config
 
-    from .data import demo_safety_dataset, load_safety_prompts
+    from .data import load_safety_prompts
+    from .demo import demo_safety_dataset
     from .nspo_config import NSPOConfig
     from .nspo_trainer import NSPOTrainer
     from .projectors import existing_projectors_file, file_megabytes
