@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_gpt2, build_tiny_tokenizer
+from conftest import build_tiny_gpt2
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
@@ -71,31 +71,14 @@ def test_lora_change_is_zero_at_start_and_matches_the_explicit_inputs_after_an_u
     assert inputs.token_count == sum(len(ids) for ids in inputs.sequences)
 
 
-def test_full_fine_tuning_measures_the_change_from_the_initial_weights(tiny_model, tiny_tokenizer):
-    targets = ["down_proj"]
-    inputs = collect_layer_inputs(tiny_model, tiny_tokenizer, GENERAL, SETTINGS, targets)
-    modules = find_constrained_modules(tiny_model, targets)
-    explicit = explicit_layer_inputs(tiny_model, modules, inputs.sequences)
-    initial = {name: module.weight.detach().clone() for name, module in modules.items()}
-    with torch.no_grad():
-        for module in modules.values():
-            module.weight.add_(0.01 * torch.randn_like(module.weight))
-
-    measured = output_change(tiny_model, inputs, initial)
-
-    deltas = {name: module.weight.double() - initial[name].double() for name, module in modules.items()}
-    weights = {name: weight.double() for name, weight in initial.items()}
-    assert measured.pooled == pytest.approx(explicit_change(deltas, weights, explicit), rel=1e-6)
-    assert set(measured.by_kind) == {"down_proj"}
-    with pytest.raises(ValueError, match="pass `initial_weights`"):
-        output_change(tiny_model, inputs)
-
-
-def test_gpt2_conv1d_weights_are_read_transposed():
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_gpt2(tokenizer).eval()  # built, not loaded: dropout would be on
-    inputs = collect_layer_inputs(model, tokenizer, GENERAL, SETTINGS)
-    modules = find_constrained_modules(model)
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_full_fine_tuning_measures_the_change_from_the_initial_weights(architecture, tiny_model, tiny_tokenizer):
+    if architecture == "llama":
+        model, targets = tiny_model, ["down_proj"]
+    else:
+        model, targets = build_tiny_gpt2(tiny_tokenizer).eval(), None  # built, not loaded: dropout would be on
+    inputs = collect_layer_inputs(model, tiny_tokenizer, GENERAL, SETTINGS, targets)
+    modules = find_constrained_modules(model, targets)
     explicit = explicit_layer_inputs(model, modules, inputs.sequences)
     initial = {name: module.weight.detach().clone() for name, module in modules.items()}
     with torch.no_grad():
@@ -104,7 +87,14 @@ def test_gpt2_conv1d_weights_are_read_transposed():
 
     measured = output_change(model, inputs, initial)
 
-    # Conv1D stores (d_in, d_out): one row per output is the transpose.
-    deltas = {name: (module.weight.double() - initial[name].double()).T for name, module in modules.items()}
-    weights = {name: weight.double().T for name, weight in initial.items()}
+    def rows(weight: torch.Tensor) -> torch.Tensor:
+        # GPT-2's Conv1D stores (d_in, d_out): one row per output is the transpose.
+        return weight.double().T if architecture == "gpt2" else weight.double()
+
+    deltas = {name: rows(module.weight - initial[name]) for name, module in modules.items()}
+    weights = {name: rows(weight) for name, weight in initial.items()}
     assert measured.pooled == pytest.approx(explicit_change(deltas, weights, explicit), rel=1e-6)
+    if architecture == "llama":
+        assert set(measured.by_kind) == {"down_proj"}
+    with pytest.raises(ValueError, match="pass `initial_weights`"):
+        output_change(model, inputs)
