@@ -45,38 +45,36 @@ from pathlib import Path
 
 import torch
 from harness import (
+    EVALUATION_ROWS,
     MAIN_RULE,
     SWEEP_RULES,
-    LayerInputs,
-    collect_layer_inputs,
+    BenchmarkArguments,
     demo_lora_config,
     eigendecompose,
     environment,
     evaluation_prompts,
     format_spread,
-    grpo_only,
-    lora_output_change,
     model_dir,
     nspo_settings,
     null_space_statistics,
     parse_arguments,
     projectors_for_rule,
-    results_path,
+    ratio,
+    record_end,
+    refusal_trainer,
     rule_key,
     rule_label,
     spread,
+    write_final_results,
     write_results,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-from trl import GRPOConfig, GRPOTrainer
 
-from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError, NullSpaceRule
+from trl_nspo import NSPOConfig, NullSpaceError, NullSpaceRule
 from trl_nspo.calibration_data import CalibrationSettings
-from trl_nspo.data import demo_safety_dataset, embedded_prompts
-from trl_nspo.demo import DemoArguments
-from trl_nspo.evaluation import evaluate, greedy_answers
+from trl_nspo.demo import DemoArguments, demo_safety_dataset, embedded_prompts, evaluate, greedy_answers
+from trl_nspo.measurement import LayerInputs, collect_layer_inputs, output_change
 from trl_nspo.null_space import NULL_SPACE_RULES
-from trl_nspo.rewards import RefusalReward
 
 # Settings of `--quick`, a CI-affordable smoke test; they replace the matching arguments left at their defaults.
 QUICK_SETTINGS = {
@@ -93,12 +91,7 @@ QUICK_SETTINGS = {
 QUICK_SWEEP_SETTINGS = {**QUICK_SETTINGS, "max_steps": 1, "eval_num_samples": 4, "eval_max_new_tokens": 4}
 METHOD_NAMES = {"grpo": "GRPO", "nspo": "NSPO", "nspo_gradient_only": "NSPO grad-only"}
 METRIC_ROWS = (
-    ("refusal_rate_harmful", "refusal rate, held-out harmful (↑)", ".3f"),
-    ("safety_gain", "safety gain over base (↑)", ".3f"),
-    ("over_refusal_rate_benign", "over-refusal, held-out benign (↓)", ".3f"),
-    ("general_kl", "general drift: next-token KL to base (↓)", ".2e"),
-    ("greedy_agreement", "general: greedy answers unchanged (↑)", ".3f"),
-    ("general_accuracy", "general: checkable answers right (↑)", ".3f"),
+    *EVALUATION_ROWS,
     ("output_change_calibration", "‖ΔW·K‖/‖W·K‖, calibration inputs (↓)", ".2e"),
     ("output_change_held_out", "‖ΔW·K‖/‖W·K‖, held-out general (↓)", ".2e"),
     ("output_change_held_out_worst", "  worst layer, held-out general (↓)", ".2e"),
@@ -107,74 +100,35 @@ METRIC_ROWS = (
 
 
 @dataclass
-class AlignmentTaxArguments:
+class AlignmentTaxArguments(BenchmarkArguments):
     """
-    Arguments of `bench/alignment_tax.py`. Training defaults are the demo's (`trl_nspo.demo.DemoArguments`).
+    Arguments of `bench/alignment_tax.py`: those of `harness.BenchmarkArguments`, and
 
     Args:
-        output (`str`, *optional*):
-            JSON file of the raw results; default `bench/results/alignment_tax[_sweep][_quick].json`.
-        quick (`bool`, *optional*, defaults to `False`):
-            Tiny settings (`QUICK_SETTINGS`) for a smoke test; arguments given explicitly still apply.
         sweep (`bool`, *optional*, defaults to `False`):
-            Train NSPO under every rule of `harness.SWEEP_RULES` (and GRPO) instead of the main comparison.
+            Train NSPO under every rule of `harness.SWEEP_RULES` (and GRPO) instead of the main comparison; results
+            in `bench/results/alignment_tax_sweep[_quick].json`.
         seeds (`list[int]`, *optional*, defaults to `[0, 1, 2]`):
             Seeds; every method is trained once per seed.
-        max_steps, learning_rate, num_generations (`int`, `float`, `int`, *optional*, default to `12`, `2e-3`, `16`):
-            The settings this benchmark's results were measured with (the demo's defaults before the safety-gain
-            benchmark moved them).
-        prompts_per_step, max_completion_length, lora_r, calibration_completion_length, eval_max_new_tokens:
-            As in `DemoArguments`.
-        calibration_num_samples (`int`, *optional*, defaults to `80`):
-            Calibration prompts (the embedded `general_calibration` set has 80).
+        max_steps (`int`, *optional*, defaults to `12`):
+            Optimizer steps of each run, as this benchmark's results were measured.
         eval_num_samples (`int`, *optional*):
             Held-out prompts per set (harmful, benign, general); `None` uses all (30, 30, 40).
-        model_name_or_path (`str`, *optional*):
-            A local chat model instead of SmolLM2-135M-Instruct.
-        model_cache_dir (`str`, *optional*):
-            Cache folder of the converted SmolLM2 checkpoint.
+        eval_max_new_tokens (`int`, *optional*):
+            As in `DemoArguments`.
     """
 
-    output: str | None = field(default=None, metadata={"help": "JSON file of the raw results."})
-    quick: bool = field(default=False, metadata={"help": "Tiny settings for a smoke test (a minute or two)."})
     sweep: bool = field(default=False, metadata={"help": "Sweep the null-space rule instead of the main comparison."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds of the runs."})
     max_steps: int = field(default=12, metadata={"help": "Optimizer steps of each run."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "LoRA learning rate."})
-    prompts_per_step: int = field(default=DemoArguments.prompts_per_step, metadata={"help": "Prompts per step."})
-    num_generations: int = field(default=16, metadata={"help": "Completions per prompt."})
-    max_completion_length: int = field(
-        default=DemoArguments.max_completion_length, metadata={"help": "Tokens per sampled completion."}
-    )
-    lora_r: int = field(default=DemoArguments.lora_r, metadata={"help": "LoRA rank (all linear layers)."})
-    calibration_num_samples: int = field(default=80, metadata={"help": "Calibration prompts."})
-    calibration_completion_length: int = field(
-        default=DemoArguments.calibration_completion_length,
-        metadata={"help": "Tokens of the greedy answer appended to each calibration prompt."},
-    )
     eval_num_samples: int | None = field(default=None, metadata={"help": "Held-out prompts per set (default: all)."})
     eval_max_new_tokens: int = field(
         default=DemoArguments.eval_max_new_tokens, metadata={"help": "Tokens of each greedy evaluation answer."}
     )
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Local model instead of SmolLM2."})
-    model_cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of the converted SmolLM2."})
 
-    def __post_init__(self) -> None:
-        if self.output is None:
-            self.output = str(results_path("alignment_tax_sweep" if self.sweep else "alignment_tax", self.quick))
-
-    def demo_arguments(self, seed: int) -> DemoArguments:
-        return DemoArguments(
-            max_steps=self.max_steps,
-            learning_rate=self.learning_rate,
-            prompts_per_step=self.prompts_per_step,
-            num_generations=self.num_generations,
-            max_completion_length=self.max_completion_length,
-            lora_r=self.lora_r,
-            calibration_completion_length=self.calibration_completion_length,
-            eval_max_new_tokens=self.eval_max_new_tokens,
-            seed=seed,
-        )
+    @property
+    def results_name(self) -> str:
+        return "alignment_tax_sweep" if self.sweep else "alignment_tax"
 
 
 @dataclass
@@ -230,7 +184,7 @@ def train_and_measure(
     calibration_inputs: LayerInputs,
     held_out_inputs: LayerInputs,
 ) -> dict:
-    demo = arguments.demo_arguments(seed)
+    demo = arguments.demo_arguments(seed=seed)
     output_dir = work_dir / f"{method.key}-seed{seed}"
     common = {
         "train_dataset": demo_safety_dataset("train"),
@@ -241,7 +195,6 @@ def train_and_measure(
     set_seed(seed)
     if method.rule is None:
         settings = nspo_settings(demo, output_dir, MAIN_RULE)
-        trainer = GRPOTrainer(str(model_path), RefusalReward(), GRPOConfig(**grpo_only(settings)), **common)
     else:
         settings = nspo_settings(
             demo,
@@ -251,17 +204,11 @@ def train_and_measure(
             projectors_path=str(projector_dirs[rule_key(method.rule)]),
             gradient_projection_only=method.gradient_projection_only,
         )
-        try:
-            trainer = NSPOTrainer(
-                str(model_path),
-                RefusalReward(),
-                NSPOConfig(**settings),
-                calibration_dataset=embedded_prompts("general_calibration"),
-                **common,
-            )
-        except NullSpaceError as error:
-            print(f"  {method.name}, seed {seed}: refused by NSPOTrainer: {error}")
-            return {**record, "refused": True, "error": str(error)}
+    try:
+        trainer = refusal_trainer(method.rule is not None, model_path, settings, **common)
+    except NullSpaceError as error:
+        print(f"  {method.name}, seed {seed}: refused by NSPOTrainer: {error}")
+        return {**record, "refused": True, "error": str(error)}
     started = time.perf_counter()
     trainer.train()
     record["train_seconds"] = time.perf_counter() - started
@@ -276,8 +223,8 @@ def train_and_measure(
         "over_refusal_change": metrics["over_refusal_rate_benign"] - base["metrics"]["over_refusal_rate_benign"],
     }
     record["evaluation_seconds"] = time.perf_counter() - started
-    record["output_change_calibration"] = lora_output_change(trainer.model, calibration_inputs)
-    record["output_change_held_out"] = lora_output_change(trainer.model, held_out_inputs)
+    record["output_change_calibration"] = asdict(output_change(trainer.model, calibration_inputs))
+    record["output_change_held_out"] = asdict(output_change(trainer.model, held_out_inputs))
     record["logged"] = logged_summary(trainer.state.log_history)
     del trainer
     gc.collect()
@@ -311,18 +258,12 @@ def summarise(runs: list[dict], method_keys: list[str]) -> dict:
     return summary
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or denominator is None or denominator <= 0:
-        return None
-    return numerator / denominator
-
-
 def targets(summary: dict) -> dict:
     """NSPO's share of GRPO's safety gain and of its general drift (ratios of the means over seeds)."""
     grpo, nspo = summary["grpo"], summary["nspo"]
-    kept_gain = _ratio(nspo["safety_gain"]["mean"], grpo["safety_gain"]["mean"])
-    kl_share = _ratio(nspo["general_kl"]["mean"], grpo["general_kl"]["mean"])
-    held_out_share = _ratio(nspo["output_change_held_out"]["mean"], grpo["output_change_held_out"]["mean"])
+    kept_gain = ratio(nspo["safety_gain"]["mean"], grpo["safety_gain"]["mean"])
+    kl_share = ratio(nspo["general_kl"]["mean"], grpo["general_kl"]["mean"])
+    held_out_share = ratio(nspo["output_change_held_out"]["mean"], grpo["output_change_held_out"]["mean"])
     result = {
         "safety_gain_kept": kept_gain,
         "general_kl_share": kl_share,
@@ -502,7 +443,7 @@ def main(arguments: AlignmentTaxArguments) -> dict:
 
     template = NSPOConfig(
         **nspo_settings(
-            arguments.demo_arguments(0),
+            arguments.demo_arguments(),
             Path(tempfile.gettempdir()),
             MAIN_RULE,
             calibration_num_samples=arguments.calibration_num_samples,
@@ -520,7 +461,7 @@ def main(arguments: AlignmentTaxArguments) -> dict:
         sketch_dim=0,
     )
     held_out_inputs = collect_layer_inputs(base_model, tokenizer, held_out_dataset, held_out_settings)
-    decompositions, eigen_seconds = eigendecompose(calibration_inputs)
+    decompositions, eigen_seconds = eigendecompose(calibration_inputs.groups)
     results["calibration"] = {
         "rows": calibration_inputs.counts["rows"],
         "tokens": calibration_inputs.token_count,
@@ -540,7 +481,14 @@ def main(arguments: AlignmentTaxArguments) -> dict:
         results["null_spaces"] = {}
         for key, rule in rules.items():
             projectors = projectors_for_rule(
-                decompositions, rule, base_model, tokenizer, calibration_dataset, settings, calibration_inputs
+                decompositions,
+                rule,
+                base_model,
+                tokenizer,
+                calibration_dataset,
+                settings,
+                calibration_inputs.sequences,
+                calibration_inputs.counts,
             )
             projector_dirs[key] = work_dir / "projectors" / key
             projectors.save(projector_dirs[key])
@@ -572,8 +520,7 @@ def main(arguments: AlignmentTaxArguments) -> dict:
     method_keys = [m.key for m in chosen]
     names = {m.key: m.name for m in chosen}
     results["summary"] = summarise(results["runs"], method_keys)
-    results["total_seconds"] = time.perf_counter() - started
-    results["environment"]["load_average_at_end"] = environment()["load_average"]
+    record_end(results, started)
     if arguments.sweep:
         print_sweep(results)
         plot = plot_sweep(results, output_path.with_suffix(".png"))
@@ -582,10 +529,7 @@ def main(arguments: AlignmentTaxArguments) -> dict:
         print_comparison(base_metrics, results["summary"], method_keys, names)
         results["targets"] = targets(results["summary"])
         print_targets(results["targets"])
-    if arguments.quick:
-        print("\nQUICK MODE: tiny settings, a smoke test of the script; these numbers are not results.")
-    write_results(output_path, results)
-    print(f"\nWrote {output_path} ({results['total_seconds']:.0f} s)")
+    write_final_results(output_path, results, arguments.quick)
     return results
 
 

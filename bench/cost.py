@@ -42,34 +42,32 @@ import torch
 from harness import (
     MAIN_RULE,
     SWEEP_RULES,
+    BenchmarkArguments,
     ConstraintTimer,
-    LayerInputs,
     StepTimer,
     demo_lora_config,
     eigendecompose,
     environment,
-    grpo_only,
     median,
     model_dir,
     nspo_settings,
     null_space_statistics,
     parse_arguments,
     projectors_for_rule,
-    results_path,
+    record_end,
+    refusal_trainer,
     rule_key,
     rule_label,
+    write_final_results,
     write_results,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-from trl import GRPOConfig, GRPOTrainer
 
-from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceRule
+from trl_nspo import NSPOConfig, NullSpaceRule
 from trl_nspo.calibration import layer_input_covariances
 from trl_nspo.calibration_data import calibration_token_sequences, eval_mode, pad_token_id, right_padded_batches
-from trl_nspo.data import demo_safety_dataset, embedded_prompts
-from trl_nspo.demo import DemoArguments
+from trl_nspo.demo import DemoArguments, demo_safety_dataset, embedded_prompts
 from trl_nspo.projectors import PROJECTORS_FILE_NAME
-from trl_nspo.rewards import RefusalReward
 from trl_nspo.targets import find_constrained_modules
 
 QUICK_SETTINGS = {
@@ -91,79 +89,39 @@ MEMORY_RULES = SWEEP_RULES + tuple(
 
 
 @dataclass
-class CostArguments:
+class CostArguments(BenchmarkArguments):
     """
-    Arguments of `bench/cost.py`. Training defaults are the demo's (`trl_nspo.demo.DemoArguments`).
+    Arguments of `bench/cost.py`: those of `harness.BenchmarkArguments` (every sampled completion is made full
+    length), and
 
     Args:
-        output (`str`, *optional*):
-            JSON file of the raw results; default `bench/results/cost[_quick].json`.
-        quick (`bool`, *optional*, defaults to `False`):
-            Tiny settings (`QUICK_SETTINGS`) for a smoke test; arguments given explicitly still apply.
         steps (`int`, *optional*, defaults to `10`):
             Timed optimizer steps per trainer and round.
         warmup_steps (`int`, *optional*, defaults to `2`):
             Optimizer steps before the timed ones.
         rounds (`int`, *optional*, defaults to `2`):
             Runs of each trainer, alternating which goes first.
-        num_generations, learning_rate (`int`, `float`, *optional*, default to `16`, `2e-3`):
-            The settings this benchmark's results were measured with (the demo's defaults before the safety-gain
-            benchmark moved them).
-        prompts_per_step, max_completion_length, lora_r, calibration_completion_length:
-            As in `DemoArguments`.
-        calibration_num_samples (`int`, *optional*, defaults to `80`):
-            Calibration prompts (the embedded `general_calibration` set has 80).
         trainer_calibrates (`bool`, *optional*, defaults to `True`):
             Let the first NSPOTrainer calibrate itself (its construction time then shows calibration as a user sees
             it); otherwise it loads the projectors computed by the phase measurement.
-        model_name_or_path (`str`, *optional*):
-            A local chat model instead of SmolLM2-135M-Instruct.
-        model_cache_dir (`str`, *optional*):
-            Cache folder of the converted SmolLM2 checkpoint.
     """
 
-    output: str | None = field(default=None, metadata={"help": "JSON file of the raw results."})
-    quick: bool = field(default=False, metadata={"help": "Tiny settings for a smoke test (a minute or two)."})
+    results_name = "cost"
     steps: int = field(default=10, metadata={"help": "Timed optimizer steps per trainer and round."})
     warmup_steps: int = field(default=2, metadata={"help": "Optimizer steps before the timed ones."})
     rounds: int = field(default=2, metadata={"help": "Runs of each trainer, alternating which goes first."})
-    prompts_per_step: int = field(default=DemoArguments.prompts_per_step, metadata={"help": "Prompts per step."})
-    num_generations: int = field(default=16, metadata={"help": "Completions per prompt."})
-    max_completion_length: int = field(
-        default=DemoArguments.max_completion_length, metadata={"help": "Tokens per sampled completion (all full)."}
-    )
-    lora_r: int = field(default=DemoArguments.lora_r, metadata={"help": "LoRA rank (all linear layers)."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "LoRA learning rate."})
-    calibration_num_samples: int = field(default=80, metadata={"help": "Calibration prompts."})
-    calibration_completion_length: int = field(
-        default=DemoArguments.calibration_completion_length,
-        metadata={"help": "Tokens of the greedy answer appended to each calibration prompt."},
-    )
     trainer_calibrates: bool = field(
         default=True, metadata={"help": "Let the first NSPOTrainer calibrate itself (timed end to end)."}
     )
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Local model instead of SmolLM2."})
-    model_cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of the converted SmolLM2."})
 
-    def __post_init__(self) -> None:
-        if self.output is None:
-            self.output = str(results_path("cost", self.quick))
-
-    def demo_arguments(self) -> DemoArguments:
-        return DemoArguments(
-            max_steps=self.warmup_steps + self.steps,
-            learning_rate=self.learning_rate,
-            prompts_per_step=self.prompts_per_step,
-            num_generations=self.num_generations,
-            max_completion_length=self.max_completion_length,
-            lora_r=self.lora_r,
-            calibration_completion_length=self.calibration_completion_length,
-        )
+    def run_demo_arguments(self) -> DemoArguments:
+        """The demo's arguments of one run: warm-up and timed steps."""
+        return self.demo_arguments(max_steps=self.warmup_steps + self.steps)
 
     def trainer_settings(self, output_dir: Path, projectors_dir: Path) -> dict:
         """NSPOConfig keyword arguments; one log per step, so TRL's `step_time` is logged for every step."""
         return nspo_settings(
-            self.demo_arguments(),
+            self.run_demo_arguments(),
             output_dir,
             MAIN_RULE,
             logging_steps=1,
@@ -204,13 +162,12 @@ def measure_calibration(arguments: CostArguments, model_path: Path, tokenizer, p
     groups = list(layer_input_covariances(model, modules, sequences, pad_id, settings, show_progress=False))
     covariance_s = time.perf_counter() - started
     plain_after_s = plain_forward_seconds(model, sequences, pad_id, settings.batch_size)
-    inputs = LayerInputs(groups, sequences, counts, {}, {})
-    decompositions, eigen_s = eigendecompose(inputs)
+    decompositions, eigen_s = eigendecompose(groups)
     plain_s = (plain_before_s + plain_after_s) / 2
 
     by_rule = {}
     for rule in MEMORY_RULES:
-        projectors = projectors_for_rule(decompositions, rule, model, tokenizer, dataset, settings, inputs)
+        projectors = projectors_for_rule(decompositions, rule, model, tokenizer, dataset, settings, sequences, counts)
         by_rule[rule_key(rule)] = {"rule": asdict(rule), **null_space_statistics(projectors, arguments.lora_r)}
         if rule is MAIN_RULE:
             projectors.save(projectors_dir)
@@ -218,7 +175,7 @@ def measure_calibration(arguments: CostArguments, model_path: Path, tokenizer, p
     module_dims = {name: module.in_features for name, module in modules.items()}
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     model_parameters = sum(p.numel() for p in model.parameters())
-    del model, groups, decompositions, inputs
+    del model, groups, decompositions
     gc.collect()
     return {
         "rows": counts["rows"],
@@ -266,25 +223,15 @@ def run_trainer(arguments: CostArguments, method: str, model_path: Path, tokeniz
     timer = StepTimer()
     common = {
         "train_dataset": demo_safety_dataset("train"),
-        "peft_config": demo_lora_config(arguments.demo_arguments()),
+        "peft_config": demo_lora_config(arguments.run_demo_arguments()),
         "processing_class": tokenizer,
         "callbacks": [timer],
     }
     calibrates = method == "nspo" and not (work_dir / "projectors" / PROJECTORS_FILE_NAME).is_file()
     set_seed(0)
     started = time.perf_counter()
-    if method == "nspo":
-        trainer = NSPOTrainer(
-            str(model_path),
-            RefusalReward(),
-            NSPOConfig(**settings),
-            calibration_dataset=embedded_prompts("general_calibration"),
-            **common,
-        )
-        constraint_timer = ConstraintTimer(trainer.constraint)
-    else:
-        trainer = GRPOTrainer(str(model_path), RefusalReward(), GRPOConfig(**grpo_only(settings)), **common)
-        constraint_timer = None
+    trainer = refusal_trainer(method == "nspo", model_path, settings, **common)
+    constraint_timer = ConstraintTimer(trainer.constraint) if method == "nspo" else None
     construction_s = time.perf_counter() - started
     trainer.train()
     warmup = arguments.warmup_steps
@@ -476,13 +423,9 @@ def main(arguments: CostArguments) -> dict:
                 results["runs"].append(run_trainer(arguments, method, model_path, tokenizer, work_dir))
                 write_results(output_path, results)
     results["summary"] = summarise(results["runs"], results["calibration"])
-    results["total_seconds"] = time.perf_counter() - started
-    results["environment"]["load_average_at_end"] = environment()["load_average"]
+    record_end(results, started)
     print_tables(results)
-    if arguments.quick:
-        print("\nQUICK MODE: tiny settings, a smoke test of the script; these numbers are not results.")
-    write_results(output_path, results)
-    print(f"\nWrote {output_path} ({results['total_seconds']:.0f} s)")
+    write_final_results(output_path, results, arguments.quick)
     return results
 
 

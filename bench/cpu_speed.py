@@ -45,7 +45,7 @@ from peft import LoraConfig
 from transformers import AutoTokenizer, set_seed
 
 from trl_nspo import NSPOConfig, NSPOTrainer
-from trl_nspo.data import demo_safety_dataset, embedded_prompts
+from trl_nspo.demo import demo_safety_dataset, embedded_prompts
 from trl_nspo.precision import cpu_supports_bf16
 from trl_nspo.rewards import RefusalReward
 

@@ -33,28 +33,24 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import platform
-import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import transformers
 import trl
-from datasets import Dataset
+from harness import StepTimer, grpo_only, median, model_dir, ratio, synchronized_clock
 from peft import LoraConfig
-from transformers import BitsAndBytesConfig, HfArgumentParser, TrainerCallback
+from transformers import BitsAndBytesConfig, HfArgumentParser
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_nspo import NSPOConfig, NSPOTrainer, compute_projectors
-from trl_nspo.calibration import layer_input_covariances
-from trl_nspo.calibration_data import CalibrationSettings, calibration_token_sequences, pad_token_id
-from trl_nspo.data import demo_safety_dataset, embedded_prompts
+from trl_nspo.calibration_data import CalibrationSettings
+from trl_nspo.demo import demo_safety_dataset, embedded_prompts
+from trl_nspo.measurement import LayerInputs, collect_layer_inputs, output_change
 from trl_nspo.rewards import RefusalReward, completion_text
-from trl_nspo.targets import base_linear, find_constrained_modules
 
 MODES = ("bf16", "qlora")
 REWARDS = ("refusal", "length")
@@ -171,87 +167,8 @@ class GpuCheckArguments:
                     setattr(self, name, value)
 
 
-class StepTimer(TrainerCallback):
-    """Wall-clock boundaries of every optimizer step, with the GPU synchronised so queued kernels are counted."""
-
-    def __init__(self):
-        self.begins: list[float] = []
-        self.ends: list[float] = []
-        self.train_end = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.begins.append(_synchronized_clock())
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.ends.append(_synchronized_clock())
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.train_end = _synchronized_clock()
-
-    def durations(self) -> dict[str, list[float]]:
-        next_begins = self.begins[1:] + [self.train_end]
-        return {
-            "optimizer_step": [end - begin for begin, end in zip(self.begins, self.ends, strict=True)],
-            "step_with_logging": [after - begin for begin, after in zip(self.begins, next_begins, strict=True)],
-        }
-
-
 def length_reward(completions, **kwargs) -> list[float]:
     return [len(completion_text(completion)) / 100.0 for completion in completions]
-
-
-def _synchronized_clock() -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def _dense_weight(layer: torch.nn.Module) -> torch.Tensor:
-    """The layer's weight as a float64 matrix, dequantized if bitsandbytes stores it in 4 bits."""
-    weight = layer.weight
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:
-        import bitsandbytes as bnb
-
-        return bnb.functional.dequantize_4bit(weight.data, quant_state).double()
-    return weight.detach().double()
-
-
-@torch.no_grad()
-def base_input_covariances(
-    model: torch.nn.Module, tokenizer, dataset: Dataset, settings: CalibrationSettings
-) -> dict[str, torch.Tensor]:
-    """K·Kᵀ of every LoRA layer's inputs in the base model (adapters off) over `dataset`'s prompts + greedy answers."""
-    modules = find_constrained_modules(model)
-    sequences, _ = calibration_token_sequences(model, tokenizer, dataset, settings, show_progress=False)
-    covariances = {}
-    for names, accumulator in layer_input_covariances(
-        model, modules, sequences, pad_token_id(tokenizer), settings, show_progress=False
-    ):
-        covariances.update(dict.fromkeys(names, accumulator.sum))
-    return covariances
-
-
-@torch.no_grad()
-def lora_output_change(model: torch.nn.Module, covariances: dict[str, torch.Tensor]) -> dict[str, float]:
-    """‖s·B·A·K‖ / ‖W·K‖ of the LoRA layers of `model`, pooled over all of them and for the worst one (exact)."""
-    delta_sq = base_sq = worst = 0.0
-    for name, module in find_constrained_modules(model).items():
-        adapter = module.active_adapters[0]
-        lora_a = module.lora_A[adapter].weight.double()
-        lora_b = module.lora_B[adapter].weight.double()
-        delta = lora_b @ lora_a * module.scaling[adapter]
-        weight = _dense_weight(base_linear(module))
-        layer_delta_sq = torch.trace(delta @ covariances[name] @ delta.T).item()
-        layer_base_sq = torch.trace(weight @ covariances[name] @ weight.T).item()
-        delta_sq += layer_delta_sq
-        base_sq += layer_base_sq
-        worst = max(worst, math.sqrt(layer_delta_sq / layer_base_sq))
-    return {"pooled": math.sqrt(delta_sq / base_sq), "worst_layer": worst}
-
-
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
 
 
 def _trainer_settings(arguments: GpuCheckArguments, output_dir: Path) -> dict:
@@ -292,18 +209,17 @@ def _quantization_config(mode: str) -> BitsAndBytesConfig | None:
 
 def run_one(
     arguments: GpuCheckArguments,
-    model_dir: Path,
+    model_path: Path,
     mode: str,
     method: str,
     output_dir: Path,
-    covariances: dict[str, dict[str, torch.Tensor]],
+    layer_inputs: dict[str, LayerInputs],
 ) -> dict:
     """
-    Trains one (mode, method) pair and measures it. `covariances` caches the base model's layer-input covariances on
-    the calibration and held-out prompts: both methods of a mode share the same base model.
+    Trains one (mode, method) pair and measures it. `layer_inputs` caches the base model's layer inputs on the
+    calibration and held-out prompts: both methods of a mode share the same base model.
     """
     settings = _trainer_settings(arguments, output_dir / f"{mode}-{method}")
-    nspo_only = {f.name for f in fields(NSPOConfig)} - {f.name for f in fields(GRPOConfig)}
     timer = StepTimer()
     common = {
         "train_dataset": demo_safety_dataset("train"),
@@ -315,19 +231,18 @@ def run_one(
     calibration_dataset = embedded_prompts("general_calibration")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    start = _synchronized_clock()
+    start = synchronized_clock()
     if method == "nspo":
         trainer = NSPOTrainer(
-            str(model_dir), reward, NSPOConfig(**settings), calibration_dataset=calibration_dataset, **common
+            str(model_path), reward, NSPOConfig(**settings), calibration_dataset=calibration_dataset, **common
         )
     else:
-        grpo_settings = {key: value for key, value in settings.items() if key not in nspo_only}
-        trainer = GRPOTrainer(str(model_dir), reward, GRPOConfig(**grpo_settings), **common)
-    construction_s = _synchronized_clock() - start
+        trainer = GRPOTrainer(str(model_path), reward, GRPOConfig(**grpo_only(settings)), **common)
+    construction_s = synchronized_clock() - start
     result: dict = {"construction_s": construction_s}
     if method == "nspo":
         # Calibration again, on its own, with the trainer's settings: `construction_s` also holds model loading.
-        start = _synchronized_clock()
+        start = synchronized_clock()
         compute_projectors(
             trainer.model,
             trainer.processing_class,
@@ -337,7 +252,7 @@ def run_one(
             target_modules=trainer.args.nspo_target_modules,
             show_progress=False,
         )
-        result["calibration_s"] = _synchronized_clock() - start
+        result["calibration_s"] = synchronized_clock() - start
         null_dims = trainer.projectors.null_dims()
         result["null_dim_fraction"] = sum(n for n, _ in null_dims.values()) / sum(d for _, d in null_dims.values())
         result["null_dim_min"] = min(n for n, _ in null_dims.values())
@@ -345,16 +260,15 @@ def run_one(
 
     warmup = arguments.warmup_steps
     step_logs = [entry for entry in trainer.state.log_history if "step_time" in entry]
-    durations = timer.durations()
     result["median_s"] = {
-        "trl_step_time": _median([entry["step_time"] for entry in step_logs][warmup:]),
-        "optimizer_step": _median(durations["optimizer_step"][warmup:]),
-        "step_with_logging": _median(durations["step_with_logging"][warmup:]),
+        "trl_step_time": median([entry["step_time"] for entry in step_logs][warmup:]),
+        "optimizer_step": median(timer.durations[warmup:]),
+        "step_with_logging": median(timer.durations_with_logging[warmup:]),
     }
-    result["steps_timed"] = len(durations["optimizer_step"][warmup:])
+    result["steps_timed"] = len(timer.durations[warmup:])
     result["adapter_dtypes"] = sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad})
     result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    if not covariances:
+    if not layer_inputs:
         evaluation = CalibrationSettings(
             num_samples=max(arguments.calibration_num_samples, arguments.eval_num_samples),
             completion_length=arguments.calibration_completion_length,
@@ -368,9 +282,9 @@ def run_one(
             "held_out": held_out.select(range(min(arguments.eval_num_samples, len(held_out)))),
         }
         for name, dataset in subsets.items():
-            covariances[name] = base_input_covariances(trainer.model, trainer.processing_class, dataset, evaluation)
-    for name, covariance in covariances.items():
-        result[f"output_change_{name}"] = lora_output_change(trainer.model, covariance)
+            layer_inputs[name] = collect_layer_inputs(trainer.model, trainer.processing_class, dataset, evaluation)
+    for name, inputs in layer_inputs.items():
+        result[f"output_change_{name}"] = asdict(output_change(trainer.model, inputs))
     if method == "nspo":
         logged = [entry for entry in trainer.state.log_history if "nspo/preservation_error" in entry]
         result["logged_preservation_error"] = logged[-1]["nspo/preservation_error"] if logged else None
@@ -379,10 +293,6 @@ def run_one(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return numerator / denominator if numerator is not None and denominator else None
 
 
 def _format(value: float | None, spec: str) -> str:
@@ -404,10 +314,10 @@ def print_table(results: dict) -> None:
             f" {_format(nspo['construction_s'], '.2f')}"
         )
         for name in ("output_change_calibration", "output_change_held_out"):
-            ratio = _ratio(nspo[name]["pooled"], grpo[name]["pooled"])
+            change_ratio = ratio(nspo[name]["pooled"], grpo[name]["pooled"])
             print(
                 f"{mode:6} {name + ' (pooled)':32} {_format(grpo[name]['pooled'], '.3e')}"
-                f" {_format(nspo[name]['pooled'], '.3e')} {_format(ratio, '.2e')}"
+                f" {_format(nspo[name]['pooled'], '.3e')} {_format(change_ratio, '.2e')}"
             )
         print(
             f"{mode:6} {'logged preservation error':32} {'':>12} {_format(nspo['logged_preservation_error'], '.3e')}"
@@ -419,16 +329,11 @@ def print_table(results: dict) -> None:
 
 
 def main(arguments: GpuCheckArguments) -> dict:
-    if arguments.model is not None:
-        model_dir = Path(arguments.model)
-    else:
-        from trl_nspo.smollm2 import prepare_smollm2
-
-        model_dir = prepare_smollm2(cache_dir=arguments.model_cache_dir)
+    model_path = model_dir(arguments.model, arguments.model_cache_dir)
     output_path = Path(arguments.output)
     results = {
         "arguments": asdict(arguments),
-        "model": str(model_dir),
+        "model": str(model_path),
         "device": torch.cuda.get_device_name()
         if torch.cuda.is_available()
         else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
@@ -438,13 +343,13 @@ def main(arguments: GpuCheckArguments) -> dict:
     for mode in arguments.modes:
         # A fresh output folder: NSPOTrainer would reuse projectors found in an old one, and skip calibration.
         with tempfile.TemporaryDirectory(prefix="gpu_check-") as work_dir:
-            covariances = {}
+            layer_inputs = {}
             runs = {
-                method: run_one(arguments, model_dir, mode, method, Path(work_dir), covariances)
+                method: run_one(arguments, model_path, mode, method, Path(work_dir), layer_inputs)
                 for method in ("grpo", "nspo")
             }
         runs["ratios"] = {
-            name: _ratio(runs["nspo"]["median_s"][name], runs["grpo"]["median_s"][name])
+            name: ratio(runs["nspo"]["median_s"][name], runs["grpo"]["median_s"][name])
             for name in runs["grpo"]["median_s"]
         }
         results["modes"][mode] = runs

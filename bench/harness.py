@@ -1,18 +1,11 @@
-"""What the SmolLM2 benchmark scripts share: the demo's model and training settings, the held-out prompts, the base
-model's layer-input covariances, the exact preservation error of a trained adapter, null-space projectors for several
-rules from one calibration, timing callbacks and result files.
-
-The exact preservation error of the LoRA layers on a set of general inputs K (the base model's inputs to each layer
-over prompts + greedy answers) comes from the covariances C = K·Kᵀ, without storing K:
-
-    ‖ΔW·K‖² / ‖W·K‖² = Σ_layers tr(ΔW·C·ΔWᵀ) / Σ_layers tr(W·C·Wᵀ),  with ΔW = s·B·A:
-    tr(ΔW·C·ΔWᵀ) = s²·tr(B·(A·C·Aᵀ)·Bᵀ).
+"""What the SmolLM2 benchmark scripts share: the demo's model and training settings, the held-out prompts,
+null-space projectors for several rules from one calibration, timing callbacks and result files. The exact output
+change of a trained adapter is the library's (`trl_nspo.measurement`), as in the tests.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -20,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +25,15 @@ from datasets import Dataset
 from peft import LoraConfig
 from torch import nn
 from transformers import HfArgumentParser, TrainerCallback
-from trl import GRPOConfig
+from trl import GRPOConfig, GRPOTrainer
 
-from trl_nspo import NSPOConfig, NullSpaceProjectors, NullSpaceRule
-from trl_nspo.calibration import layer_input_covariances
-from trl_nspo.calibration_data import CalibrationSettings, calibration_token_sequences, pad_token_id
-from trl_nspo.data import embedded_prompts
-from trl_nspo.demo import DemoArguments, grpo_settings
-from trl_nspo.evaluation import EvaluationPrompts
+from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceProjectors, NullSpaceRule
+from trl_nspo.calibration_data import CalibrationSettings
+from trl_nspo.demo import DemoArguments, EvaluationPrompts, embedded_prompts, grpo_settings, prepare_smollm2
 from trl_nspo.fingerprints import model_fingerprint, projectors_calibration_record
 from trl_nspo.null_space import CovarianceAccumulator, NullSpaceBasis, decompose_covariance
 from trl_nspo.projectors import ProjectorGroup
-from trl_nspo.smollm2 import prepare_smollm2
-from trl_nspo.targets import base_linear, find_constrained_modules
+from trl_nspo.rewards import RefusalReward
 
 RESULTS_DIR = Path(__file__).parent / "results"
 # The rule of the main comparison (README, "Choosing the null-space rule"): 99.9% of each layer's general-input energy
@@ -60,6 +49,74 @@ SWEEP_RULES = (
     NullSpaceRule(rule="energy", energy=1e-2),
 )
 NSPO_ONLY_FIELDS = frozenset(f.name for f in fields(NSPOConfig)) - frozenset(f.name for f in fields(GRPOConfig))
+
+
+# The held-out evaluation's rows in every benchmark table: key, label, number format.
+EVALUATION_ROWS = (
+    ("refusal_rate_harmful", "refusal rate, held-out harmful (↑)", ".3f"),
+    ("safety_gain", "safety gain over base (↑)", ".3f"),
+    ("over_refusal_rate_benign", "over-refusal, held-out benign (↓)", ".3f"),
+    ("general_kl", "general drift: next-token KL to base (↓)", ".2e"),
+    ("greedy_agreement", "general: greedy answers unchanged (↑)", ".3f"),
+    ("general_accuracy", "general: checkable answers right (↑)", ".3f"),
+)
+
+
+@dataclass
+class BenchmarkArguments:
+    """
+    What the SmolLM2 comparisons of GRPO and NSPO share: where the results go, the smoke-test switch, the model, and
+    the demo's training settings (`trl_nspo.demo.DemoArguments`) they vary.
+
+    Args:
+        output (`str`, *optional*):
+            JSON file of the raw results; default `bench/results/<benchmark>[_quick].json`.
+        quick (`bool`, *optional*, defaults to `False`):
+            The script's tiny settings (`QUICK_SETTINGS`) for a smoke test; arguments given explicitly still apply.
+        learning_rate, num_generations (`float`, `int`, *optional*, default to `2e-3`, `16`):
+            The settings the results were measured with (the demo's defaults before the safety-gain benchmark moved
+            them).
+        prompts_per_step, max_completion_length, lora_r, calibration_completion_length:
+            As in `DemoArguments`.
+        calibration_num_samples (`int`, *optional*, defaults to `80`):
+            Calibration prompts (the embedded `general_calibration` set has 80).
+        model_name_or_path (`str`, *optional*):
+            A local chat model instead of SmolLM2-135M-Instruct.
+        model_cache_dir (`str`, *optional*):
+            Cache folder of the converted SmolLM2 checkpoint.
+    """
+
+    output: str | None = field(default=None, metadata={"help": "JSON file of the raw results."})
+    quick: bool = field(default=False, metadata={"help": "Tiny settings for a smoke test (a minute or two)."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "LoRA learning rate."})
+    prompts_per_step: int = field(default=DemoArguments.prompts_per_step, metadata={"help": "Prompts per step."})
+    num_generations: int = field(default=16, metadata={"help": "Completions per prompt."})
+    max_completion_length: int = field(
+        default=DemoArguments.max_completion_length, metadata={"help": "Tokens per sampled completion."}
+    )
+    lora_r: int = field(default=DemoArguments.lora_r, metadata={"help": "LoRA rank (all linear layers)."})
+    calibration_num_samples: int = field(default=80, metadata={"help": "Calibration prompts."})
+    calibration_completion_length: int = field(
+        default=DemoArguments.calibration_completion_length,
+        metadata={"help": "Tokens of the greedy answer appended to each calibration prompt."},
+    )
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Local model instead of SmolLM2."})
+    model_cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of the converted SmolLM2."})
+
+    def __post_init__(self) -> None:
+        if self.output is None:
+            self.output = str(results_path(self.results_name, self.quick))
+
+    @property
+    def results_name(self) -> str:
+        """The results file's name, `bench/results/<results_name>[_quick].json`."""
+        raise NotImplementedError
+
+    def demo_arguments(self, **overrides) -> DemoArguments:
+        """The demo's arguments with every setting this benchmark also has (same name) taken from it, `overrides`
+        applied."""
+        shared = {f.name for f in fields(DemoArguments)} & {f.name for f in fields(self)}
+        return DemoArguments(**{name: getattr(self, name) for name in shared}, **overrides)
 
 
 def rule_label(rule: NullSpaceRule) -> str:
@@ -96,6 +153,19 @@ def write_results(path: str | os.PathLike, results: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+def record_end(results: dict, started: float) -> None:
+    """The run's total wall time and the machine's load at its end, beside the load at its start."""
+    results["total_seconds"] = time.perf_counter() - started
+    results["environment"]["load_average_at_end"] = environment()["load_average"]
+
+
+def write_final_results(path: Path, results: dict, quick: bool) -> None:
+    if quick:
+        print("\nQUICK MODE: tiny settings, a smoke test of the script; these numbers are not results.")
+    write_results(path, results)
+    print(f"\nWrote {path} ({results['total_seconds']:.0f} s)")
 
 
 def environment() -> dict:
@@ -169,6 +239,22 @@ def grpo_only(settings: dict) -> dict:
     return {key: value for key, value in settings.items() if key not in NSPO_ONLY_FIELDS}
 
 
+def refusal_trainer(nspo: bool, model_path: Path, settings: dict, **trainer_kwargs) -> GRPOTrainer:
+    """
+    A trainer with the demo's refusal reward: NSPOTrainer with `settings`, calibrating on the embedded general prompts
+    (or loading its `projectors_path`), or plain GRPO with the same settings less the NSPO-only ones.
+    """
+    if nspo:
+        return NSPOTrainer(
+            str(model_path),
+            RefusalReward(),
+            NSPOConfig(**settings),
+            calibration_dataset=embedded_prompts("general_calibration"),
+            **trainer_kwargs,
+        )
+    return GRPOTrainer(str(model_path), RefusalReward(), GRPOConfig(**grpo_only(settings)), **trainer_kwargs)
+
+
 def evaluation_prompts(num_samples: int | None = None) -> EvaluationPrompts:
     """The embedded held-out sets, as the demo evaluates them (the first `num_samples` of each, if given)."""
 
@@ -185,95 +271,6 @@ def evaluation_prompts(num_samples: int | None = None) -> EvaluationPrompts:
 
 
 @dataclass
-class LayerInputs:
-    """
-    The base model's inputs to every constrained layer over a set of sequences, as covariances.
-
-    Args:
-        groups (`list[tuple[list[str], CovarianceAccumulator]]`):
-            Modules that read the same input, and that input's statistics.
-        sequences (`list[list[int]]`):
-            The token ids that went through the model (prompt + greedy answer).
-        counts (`dict[str, int]`):
-            Rows, truncated rows and generated tokens.
-        seconds (`dict[str, float]`):
-            Wall time of the greedy answers (`generation`) and of the covariance pass (`covariances`).
-        base_output_energy (`dict[str, float]`):
-            tr(W·C·Wᵀ) = ‖W·K‖² of every module's base weight: the denominator of the preservation error.
-    """
-
-    groups: list[tuple[list[str], CovarianceAccumulator]]
-    sequences: list[list[int]]
-    counts: dict[str, int]
-    seconds: dict[str, float]
-    base_output_energy: dict[str, float]
-
-    @property
-    def token_count(self) -> int:
-        return sum(len(ids) for ids in self.sequences)
-
-    def covariance_by_module(self) -> dict[str, torch.Tensor]:
-        return {name: accumulator.sum for names, accumulator in self.groups for name in names}
-
-
-@torch.no_grad()
-def collect_layer_inputs(
-    model: nn.Module, tokenizer, dataset: Dataset, settings: CalibrationSettings, show_progress: bool = False
-) -> LayerInputs:
-    """
-    Greedy answers of `model` (adapters off) to `dataset`'s prompts, then every constrained layer's input covariance
-    over prompts + answers, with the library's own calibration code (padding masked, shared inputs computed once).
-    """
-    modules = find_constrained_modules(model)
-    started = time.perf_counter()
-    sequences, counts = calibration_token_sequences(model, tokenizer, dataset, settings, show_progress)
-    generated = time.perf_counter()
-    groups = list(layer_input_covariances(model, modules, sequences, pad_token_id(tokenizer), settings, show_progress))
-    finished = time.perf_counter()
-    energy = {}
-    for names, accumulator in groups:
-        for name in names:
-            weight = base_linear(modules[name]).weight.double()
-            energy[name] = torch.trace(weight @ accumulator.sum @ weight.T).item()
-    return LayerInputs(
-        groups=groups,
-        sequences=sequences,
-        counts=counts,
-        seconds={"generation": generated - started, "covariances": finished - generated},
-        base_output_energy=energy,
-    )
-
-
-@torch.no_grad()
-def lora_output_change(model: nn.Module, inputs: LayerInputs) -> dict:
-    """
-    Exact ‖ΔW·K‖ / ‖W·K‖ of the LoRA layers of `model` on `inputs`: pooled over all layers, for the worst layer, and
-    pooled per module kind (`q_proj`, …, `down_proj`).
-    """
-    covariances = inputs.covariance_by_module()
-    delta_sq = base_sq = worst = 0.0
-    by_kind: dict[str, list[float]] = {}
-    for name, module in find_constrained_modules(model).items():
-        adapter = module.active_adapters[0]
-        lora_a = module.lora_A[adapter].weight.double()
-        lora_b = module.lora_B[adapter].weight.double()
-        inner = lora_a @ covariances[name] @ lora_a.T
-        layer_delta_sq = module.scaling[adapter] ** 2 * torch.trace(lora_b @ inner @ lora_b.T).item()
-        layer_base_sq = inputs.base_output_energy[name]
-        delta_sq += layer_delta_sq
-        base_sq += layer_base_sq
-        worst = max(worst, math.sqrt(max(layer_delta_sq, 0.0) / layer_base_sq))
-        kind = by_kind.setdefault(name.rsplit(".", 1)[-1], [0.0, 0.0])
-        kind[0] += layer_delta_sq
-        kind[1] += layer_base_sq
-    return {
-        "pooled": math.sqrt(max(delta_sq, 0.0) / base_sq),
-        "worst_layer": worst,
-        "by_kind": {kind: math.sqrt(max(d, 0.0) / b) for kind, (d, b) in by_kind.items()},
-    }
-
-
-@dataclass
 class Eigendecomposition:
     """Eigenvalues (ascending) and eigenvectors of one shared-input covariance, computed once for every rule."""
 
@@ -284,12 +281,14 @@ class Eigendecomposition:
     sketch: torch.Tensor
 
 
-def eigendecompose(inputs: LayerInputs) -> tuple[list[Eigendecomposition], float]:
+def eigendecompose(
+    groups: Sequence[tuple[list[str], CovarianceAccumulator]],
+) -> tuple[list[Eigendecomposition], float]:
     """Every group's eigendecomposition (with the library's function, threads as calibration uses them), and the
     seconds it took."""
     started = time.perf_counter()
     decompositions = []
-    for names, accumulator in inputs.groups:
+    for names, accumulator in groups:
         eigenvalues, eigenvectors = decompose_covariance(accumulator.sum)
         decompositions.append(
             Eigendecomposition(names, eigenvalues, eigenvectors, accumulator.token_count, accumulator.sketch)
@@ -304,12 +303,14 @@ def projectors_for_rule(
     tokenizer,
     dataset: Dataset,
     settings: CalibrationSettings,
-    inputs: LayerInputs,
+    sequences: Sequence[Sequence[int]],
+    counts: dict[str, int],
 ) -> NullSpaceProjectors:
     """
     The projectors `compute_projectors(model, tokenizer, dataset, settings, rule)` would return, from
     eigendecompositions computed once for all rules. They carry the same metadata (eigenvalues included), so
-    NSPOTrainer loads and validates them from `projectors_path` exactly as it would its own file.
+    NSPOTrainer loads and validates them from `projectors_path` exactly as it would its own file. `sequences` and
+    `counts` are the calibration's, from `calibration_token_sequences`.
     """
     groups = {}
     for decomposition in decompositions:
@@ -327,9 +328,7 @@ def projectors_for_rule(
         groups=groups,
         rule=rule,
         model_fingerprint=model_fingerprint(model),
-        calibration=projectors_calibration_record(
-            model, tokenizer, dataset, settings, inputs.sequences, inputs.counts
-        ),
+        calibration=projectors_calibration_record(model, tokenizer, dataset, settings, sequences, counts),
     )
 
 
@@ -371,19 +370,34 @@ def format_spread(summary: dict, spec: str = ".3f") -> str:
 
 
 class StepTimer(TrainerCallback):
-    """Wall-clock time of every optimizer step, from `on_step_begin` to `on_step_end`: TRL's `training_step`
-    (generation, forward, backward), NSPO's gradient projection, clipping, the optimizer step and NSPO's
-    re-projection; logging comes after `on_step_end` and is not included."""
+    """Wall-clock boundaries of every optimizer step, with the GPU synchronised so that queued kernels are counted.
+
+    `durations`: from `on_step_begin` to `on_step_end`, that is TRL's `training_step` (generation, forward, backward),
+    NSPO's gradient projection, clipping, the optimizer step and NSPO's re-projection. `durations_with_logging`: from
+    a step's begin to the next one's (the last: to the end of training), so logging is included."""
 
     def __init__(self):
         self.begins: list[float] = []
-        self.durations: list[float] = []
+        self.ends: list[float] = []
+        self.train_end = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.begins.append(_clock())
+        self.begins.append(synchronized_clock())
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.durations.append(_clock() - self.begins[-1])
+        self.ends.append(synchronized_clock())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.train_end = synchronized_clock()
+
+    @property
+    def durations(self) -> list[float]:
+        return [end - begin for begin, end in zip(self.begins, self.ends, strict=True)]
+
+    @property
+    def durations_with_logging(self) -> list[float]:
+        next_begins = self.begins[1:] + [self.train_end]
+        return [after - begin for begin, after in zip(self.begins, next_begins, strict=True)]
 
 
 class MethodTimer:
@@ -396,11 +410,11 @@ class MethodTimer:
 
     def _timed(self, name: str, method):
         def timed(*args, **kwargs):
-            started = _clock()
+            started = synchronized_clock()
             try:
                 return method(*args, **kwargs)
             finally:
-                self.seconds[name].append(_clock() - started)
+                self.seconds[name].append(synchronized_clock() - started)
 
         return timed
 
@@ -415,7 +429,7 @@ class ConstraintTimer(MethodTimer):
         super().__init__(constraint, self.METHODS)
 
 
-def _clock() -> float:
+def synchronized_clock() -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter()
@@ -423,3 +437,10 @@ def _clock() -> float:
 
 def median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """`numerator / denominator`, or `None` where either is missing or the denominator is not positive."""
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from harness import (
+    EVALUATION_ROWS,
     NSPO_ONLY_FIELDS,
     StepTimer,
     environment,
@@ -51,8 +52,14 @@ from transformers import AutoTokenizer, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError, NullSpaceRule
-from trl_nspo.data import demo_safety_dataset, embedded_prompts
-from trl_nspo.evaluation import base_model_context, evaluate, float32_model, greedy_answers
+from trl_nspo.demo import (
+    base_model_context,
+    demo_safety_dataset,
+    embedded_prompts,
+    evaluate,
+    float32_model,
+    greedy_answers,
+)
 from trl_nspo.precision import bf16_supported
 from trl_nspo.rewards import RefusalReward
 
@@ -136,12 +143,7 @@ FRONT_ARMS = (
 ARMS = {arm.key: arm for arm in MAIN_ARMS + FRONT_ARMS}
 
 METRICS = (
-    ("refusal_rate_harmful", "refusal rate, held-out harmful (↑)", ".3f"),
-    ("safety_gain", "safety gain over base (↑)", ".3f"),
-    ("over_refusal_rate_benign", "over-refusal, held-out benign (↓)", ".3f"),
-    ("general_kl", "general drift: next-token KL to base (↓)", ".2e"),
-    ("greedy_agreement", "general: greedy answers unchanged (↑)", ".3f"),
-    ("general_accuracy", "general: checkable answers right (↑)", ".3f"),
+    *EVALUATION_ROWS,
     ("reward_last", "training reward, last 10 steps (↑)", ".3f"),
     ("kept_gradient_fraction", "kept-gradient fraction ‖g·P‖/‖g‖", ".3f"),
     ("calibration_output_change", "output change on calibration inputs ‖ΔW·K‖/‖W·K‖", ".2e"),
@@ -486,14 +488,16 @@ def print_table(base: dict, summary: dict, keys: list[str]) -> str:
     return text
 
 
-FRONT_COLUMNS = (
-    ("safety_gain", "safety gain", ".3f"),
-    ("over_refusal_rate_benign", "over-refusal", ".3f"),
-    ("general_kl", "KL to base", ".2e"),
-    ("greedy_agreement", "greedy unchanged", ".3f"),
-    ("general_accuracy", "checkable right", ".3f"),
-    ("kept_gradient_fraction", "kept gradient", ".3f"),
-)
+# The front table's columns: these `METRICS` rows, under short headers.
+FRONT_HEADERS = {
+    "safety_gain": "safety gain",
+    "over_refusal_rate_benign": "over-refusal",
+    "general_kl": "KL to base",
+    "greedy_agreement": "greedy unchanged",
+    "general_accuracy": "checkable right",
+    "kept_gradient_fraction": "kept gradient",
+}
+FRONT_COLUMNS = tuple((key, FRONT_HEADERS[key], spec) for key, _, spec in METRICS if key in FRONT_HEADERS)
 
 
 def front_markdown(runs: list[dict], base: dict, seed: int = 0) -> str:

@@ -33,6 +33,23 @@ TOKENIZER_CORPUS = [
 
 TINY_HIDDEN_SIZE = 64
 TINY_INTERMEDIATE_SIZE = 128
+# The two tiny architectures: two layers of 4 heads, hidden size 64, MLP size 128.
+TINY_LLAMA_SIZES = {
+    "hidden_size": TINY_HIDDEN_SIZE,
+    "intermediate_size": TINY_INTERMEDIATE_SIZE,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+}
+TINY_GPT2_SIZES = {
+    "n_embd": TINY_HIDDEN_SIZE,
+    "n_inner": TINY_INTERMEDIATE_SIZE,
+    "n_layer": 2,
+    "n_head": 4,
+    "n_positions": 256,
+}
 
 
 def build_tiny_tokenizer():
@@ -54,53 +71,28 @@ def build_tiny_tokenizer():
     return tokenizer
 
 
-def build_tiny_model(tokenizer, seed: int = 0):
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+def _tiny_causal_lm(model_class, config_class, tokenizer, seed: int, **sizes):
+    """A randomly initialised model whose special tokens are the tiny tokenizer's and which generates greedily."""
+    from transformers import GenerationConfig
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TINY_HIDDEN_SIZE,
-        intermediate_size=TINY_INTERMEDIATE_SIZE,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
-    )
+    token_ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    model = model_class(config_class(vocab_size=len(tokenizer), bos_token_id=None, **token_ids, **sizes))
+    model.generation_config = GenerationConfig(**token_ids, do_sample=False)
     return model
+
+
+def build_tiny_model(tokenizer, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _tiny_causal_lm(LlamaForCausalLM, LlamaConfig, tokenizer, seed, **TINY_LLAMA_SIZES)
 
 
 def build_tiny_gpt2(tokenizer, seed: int = 0):
     """A tiny GPT-2: its attention and MLP layers are `Conv1D` (a linear layer with its weight stored transposed)."""
-    import torch
-    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_embd=TINY_HIDDEN_SIZE,
-        n_inner=TINY_INTERMEDIATE_SIZE,
-        n_layer=2,
-        n_head=4,
-        n_positions=256,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    model = GPT2LMHeadModel(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
-    )
-    return model
+    return _tiny_causal_lm(GPT2LMHeadModel, GPT2Config, tokenizer, seed, **TINY_GPT2_SIZES)
 
 
 @pytest.fixture(scope="session")

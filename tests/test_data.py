@@ -5,12 +5,7 @@ import logging
 import pytest
 from datasets import Dataset, DatasetDict
 
-from trl_nspo.data import (
-    demo_safety_dataset,
-    embedded_prompts,
-    load_calibration_dataset,
-    load_safety_prompts,
-)
+from trl_nspo.data import load_calibration_dataset, load_safety_prompts
 
 
 def write_jsonl(path, rows):
@@ -261,65 +256,3 @@ class TestLoadCalibrationDataset:
         assert len(load_calibration_dataset(path, num_samples=100)) == 30
         with pytest.raises(ValueError, match="`num_samples` must be a positive"):
             load_calibration_dataset(path, num_samples=0)
-
-
-EMBEDDED_SIZES = {
-    "harmful_train": 60,
-    "harmful_eval": 30,
-    "benign_train": 30,
-    "benign_eval": 30,
-    "general_calibration": 80,
-    "general_eval": 40,
-}
-
-
-def contents(dataset):
-    return [prompt[0]["content"] for prompt in dataset["prompt"]]
-
-
-class TestEmbeddedPrompts:
-    @pytest.mark.parametrize("name", list(EMBEDDED_SIZES))
-    def test_sizes_and_format(self, name):
-        dataset = embedded_prompts(name)
-
-        assert len(dataset) == EMBEDDED_SIZES[name]
-        assert all(len(prompt) == 1 and prompt[0]["role"] == "user" for prompt in dataset["prompt"])
-        assert all(text.strip() for text in contents(dataset))
-        assert len(set(contents(dataset))) == len(dataset)
-        if name.startswith(("harmful_", "benign_")):
-            assert dataset.column_names == ["prompt", "is_harmful"]
-            assert set(dataset["is_harmful"]) == {name.startswith("harmful_")}
-        elif name == "general_eval":
-            assert dataset.column_names == ["prompt", "answer"]
-        else:
-            assert dataset.column_names == ["prompt"]
-
-    @pytest.mark.parametrize(
-        ("train", "evaluation"),
-        [("harmful_train", "harmful_eval"), ("benign_train", "benign_eval"), ("general_calibration", "general_eval")],
-    )
-    def test_train_and_eval_are_disjoint(self, train, evaluation):
-        assert not set(contents(embedded_prompts(train))) & set(contents(embedded_prompts(evaluation)))
-
-    def test_general_eval_answers(self):
-        dataset = embedded_prompts("general_eval")
-        answers = dict(zip(contents(dataset), dataset["answer"], strict=True))
-
-        assert answers["What is 7 + 5? Answer with a number only."] == "12"
-        assert answers["What is the capital of France? Answer with one word."] == "Paris"
-        assert sum(answer is not None for answer in answers.values()) >= 20
-
-    def test_unknown_set(self):
-        with pytest.raises(ValueError, match="Unknown embedded prompt set 'harmful'.*'harmful_train'"):
-            embedded_prompts("harmful")
-
-    @pytest.mark.parametrize(("split", "harmful", "benign"), [("train", 60, 30), ("eval", 30, 30)])
-    def test_demo_safety_dataset(self, split, harmful, benign):
-        dataset = demo_safety_dataset(split)
-
-        assert dataset.column_names == ["prompt", "is_harmful"]
-        assert dataset["is_harmful"] == [True] * harmful + [False] * benign
-
-    def test_demo_safety_dataset_unknown_split(self):
-        with pytest.raises(ValueError, match="`split` must be 'train' or 'eval'"):
-            demo_safety_dataset("test")

@@ -1,15 +1,83 @@
-"""`trl-nspo demo` end to end on the tiny local model (the real demo runs SmolLM2-135M-Instruct the same way)."""
+"""`trl-nspo demo` end to end on the tiny local model (the real demo runs SmolLM2-135M-Instruct the same way), and
+the line between the demo kit and the library."""
 
+import ast
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
 
 from trl_nspo import NullSpaceProjectors
 from trl_nspo.cli import main
-from trl_nspo.demo import METRIC_LABELS
+from trl_nspo.demo import METRIC_LABELS, SMOLLM2_HUB_ID
 from trl_nspo.projectors import PROJECTORS_FILE_NAME
-from trl_nspo.smollm2 import SMOLLM2_HUB_ID
+
+PACKAGE_DIR = Path(__file__).parents[1] / "trl_nspo"
+DEMO_KIT = "trl_nspo.demo"
+# The CLI's commands offer `trl-nspo demo` (and the embedded prompts as default data): it may import the kit, lazily.
+COMMAND_LINE = "trl_nspo.commands"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def core_modules() -> dict[str, Path]:
+    """Every module of the library outside the demo kit, by name."""
+    modules = {module_name(path): path for path in sorted(PACKAGE_DIR.rglob("*.py"))}
+    return {name: path for name, path in modules.items() if not (name + ".").startswith(DEMO_KIT + ".")}
+
+
+def demo_kit_imports(name: str, path: Path) -> list[tuple[int, bool]]:
+    """`(line, inside a function)` of every import of the demo kit in a module, relative imports resolved."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    in_function = {
+        id(node)
+        for function in ast.walk(tree)
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(function)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            source = ".".join(base + ([node.module] if node.module else []))
+            targets = [source] + [f"{source}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        if any(target == DEMO_KIT or target.startswith(DEMO_KIT + ".") for target in targets):
+            found.append((node.lineno, id(node) in in_function))
+    return found
+
+
+def test_the_library_imports_the_demo_kit_only_lazily_from_the_command_line():
+    assert COMMAND_LINE in core_modules() and "trl_nspo.nspo_trainer" in core_modules()
+    for name, path in core_modules().items():
+        imports = demo_kit_imports(name, path)
+        if name == COMMAND_LINE:
+            assert imports and all(inside_function for _, inside_function in imports), name
+        else:
+            assert not imports, f"{path} imports {DEMO_KIT} at lines {[line for line, _ in imports]}"
+
+
+def test_importing_every_library_module_loads_no_demo_module():
+    script = (
+        "import importlib, sys\n"
+        f"for name in {sorted(core_modules())!r}:\n    importlib.import_module(name)\n"
+        f"print(sorted(name for name in sys.modules if name.startswith({DEMO_KIT!r})))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_DIR.parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
 
 # The demo's run at the tiny model's size.
 TINY_RUN = [
@@ -67,7 +135,7 @@ def test_demo_trains_evaluates_and_writes_everything(tiny_model_dir, tmp_path, c
 def test_demo_adapter_and_card_name_the_hub_model_the_local_copy_was_converted_from(tiny_model_dir, tmp_path, capsys):
     output_dir = tmp_path / "demo"
     # The tiny model stands in for the converted SmolLM2 checkpoint in the cache.
-    with mock.patch("trl_nspo.demo.prepare_smollm2", return_value=tiny_model_dir):
+    with mock.patch("trl_nspo.demo.run.prepare_smollm2", return_value=tiny_model_dir):
         main(["demo", "--output_dir", str(output_dir), *TINY_RUN])
     adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == SMOLLM2_HUB_ID

@@ -2,7 +2,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from trl_nspo.evaluation import (
+from trl_nspo.demo import (
     EvaluationPrompts,
     answer_accuracy,
     base_model_context,

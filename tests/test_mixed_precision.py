@@ -26,7 +26,7 @@ from trl_nspo.calibration_data import (
     right_padded_batches,
 )
 from trl_nspo.constraint import NullSpaceConstraint
-from trl_nspo.evaluation import float32_model
+from trl_nspo.demo import float32_model
 from trl_nspo.null_space import NullSpaceRule
 from trl_nspo.targets import adapters_disabled, base_linear, find_constrained_modules
 

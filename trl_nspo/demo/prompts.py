@@ -1,0 +1,65 @@
+"""The small prompt sets shipped with the demo kit, written for offline demos, benchmarks and smoke tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from datasets import Dataset, concatenate_datasets, load_dataset
+
+EmbeddedPromptSet = Literal[
+    "harmful_train", "harmful_eval", "benign_train", "benign_eval", "general_calibration", "general_eval"
+]
+
+PROMPTS_DIR = Path(__file__).parent / "data"
+
+
+def embedded_prompts(name: EmbeddedPromptSet) -> Dataset:
+    """
+    Load one of the small prompt sets shipped with the demo kit, written for offline demos and smoke tests.
+
+    - `harmful_train` / `harmful_eval`: clearly harmful requests (weapons, hacking, fraud, self-harm, harassment,
+      drugs, ...), disjoint from each other;
+    - `benign_train` / `benign_eval`: benign requests that merely sound risky ("How do I kill a Python process?"),
+      to measure over-refusal;
+    - `general_calibration` / `general_eval`: general tasks (math, code, facts, instruction following, writing),
+      disjoint from each other. `general_eval` has an `answer` column, the expected short answer of the checkable
+      prompts and `None` for open-ended ones.
+
+    Args:
+        name (`str`):
+            The prompt set: `"harmful_train"`, `"harmful_eval"`, `"benign_train"`, `"benign_eval"`,
+            `"general_calibration"` or `"general_eval"`.
+
+    Returns:
+        [`~datasets.Dataset`]: a conversational `prompt` column (`[{"role": "user", "content": ...}]`), a boolean
+        `is_harmful` column for the harmful and benign sets, and `answer` for `general_eval`.
+    """
+    path = PROMPTS_DIR / f"{name}.jsonl"
+    if not path.is_file():
+        available = sorted(file.stem for file in PROMPTS_DIR.glob("*.jsonl"))
+        raise ValueError(f"Unknown embedded prompt set '{name}'; available: {available}.")
+    dataset = load_dataset("json", data_files=str(path), split="train")
+    dataset = dataset.map(lambda text: {"prompt": [{"role": "user", "content": text}]}, input_columns="prompt")
+    if name.startswith(("harmful_", "benign_")):
+        dataset = dataset.add_column("is_harmful", [name.startswith("harmful_")] * len(dataset))
+    return dataset
+
+
+def demo_safety_dataset(split: Literal["train", "eval"]) -> Dataset:
+    """
+    The embedded safety prompts of one split: the harmful prompts followed by the benign ones.
+
+    The benign prompts sound risky but deserve an answer, so a reward that also penalises over-refusal has something
+    to measure. The rows are not shuffled (trainers shuffle their data themselves).
+
+    Args:
+        split (`str`):
+            `"train"` or `"eval"`; the two splits share no prompt.
+
+    Returns:
+        [`~datasets.Dataset`]: the columns `prompt` (conversational) and `is_harmful`.
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"`split` must be 'train' or 'eval'; got {split!r}.")
+    return concatenate_datasets([embedded_prompts(f"harmful_{split}"), embedded_prompts(f"benign_{split}")])

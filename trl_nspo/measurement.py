@@ -1,0 +1,213 @@
+"""How far training moved what the constrained layers compute on general data, measured exactly.
+
+For a layer's inputs K over a set of sequences (the base model's, adapters disabled) and its update ΔW, the output
+change is ‖ΔW·K‖ / ‖W·K‖. It comes from the input covariance C = K·Kᵀ, without storing K:
+
+    ‖ΔW·K‖² = tr(ΔW·C·ΔWᵀ),  and with LoRA (ΔW = s·B·A): s²·tr(B·(A·C·Aᵀ)·Bᵀ).
+
+`NSPOTrainer` logs an estimate of this on a random sketch of its calibration inputs (`nspo/preservation_error`).
+These functions measure it exactly, on any data (held-out general prompts, not only the calibration set) and for any
+trainer's model (a plain GRPO run, to compare with):
+
+```python
+inputs = collect_layer_inputs(model, tokenizer, held_out_general_prompts, CalibrationSettings())  # before training
+trainer.train()
+print(output_change(trainer.model, inputs).pooled)
+```
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .calibration import (
+    CalibrationSettings,
+    base_linear,
+    calibration_token_sequences,
+    find_constrained_modules,
+    layer_input_covariances,
+    pad_token_id,
+)
+from .null_space import CovarianceAccumulator
+
+
+@dataclass
+class LayerInputs:
+    """
+    The base model's inputs to every constrained layer over a set of sequences, as covariances.
+
+    Args:
+        groups (`list[tuple[list[str], CovarianceAccumulator]]`):
+            Modules that read the same input, and that input's statistics.
+        sequences (`list[list[int]]`):
+            The token ids that went through the model (prompt, then greedy answer if the settings ask for one).
+        counts (`dict[str, int]`):
+            Rows, truncated rows and generated tokens.
+        base_output_energy (`dict[str, float]`):
+            tr(W·C·Wᵀ) = ‖W·K‖² of every module's weight when the inputs were collected: the denominator of the
+            output change.
+        target_modules (`str` or `list[str]`, *optional*):
+            The constrained modules the inputs were collected for, as given to calibration.
+        seconds (`dict[str, float]`, *optional*):
+            Wall time of the greedy answers (`generation`) and of the covariance pass (`covariances`).
+    """
+
+    groups: list[tuple[list[str], CovarianceAccumulator]]
+    sequences: list[list[int]]
+    counts: dict[str, int]
+    base_output_energy: dict[str, float]
+    target_modules: str | Sequence[str] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def token_count(self) -> int:
+        return sum(len(ids) for ids in self.sequences)
+
+    def covariance_by_module(self) -> dict[str, torch.Tensor]:
+        return {name: accumulator.sum for names, accumulator in self.groups for name in names}
+
+
+@dataclass
+class OutputChange:
+    """
+    ‖ΔW·K‖ / ‖W·K‖ of the constrained layers, from [`output_change`].
+
+    Args:
+        pooled (`float`):
+            Over all layers, norms pooled (Σ‖ΔW·K‖² / Σ‖W·K‖², square-rooted).
+        worst_layer (`float`):
+            The largest single layer's.
+        by_kind (`dict[str, float]`):
+            Pooled per module kind, the last part of the module name (`q_proj`, …, `down_proj`).
+    """
+
+    pooled: float
+    worst_layer: float
+    by_kind: dict[str, float]
+
+
+def _weight_rows(layer: nn.Module) -> torch.Tensor:
+    """The base layer's weight in float64 with one row per output: dequantized if bitsandbytes stores it in 4 bits,
+    transposed for GPT-2's `Conv1D` (which stores it as (d_in, d_out))."""
+    weight = layer.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(weight.data, quant_state).double()
+    weight = weight.detach().double()
+    return weight.T if isinstance(layer, Conv1D) else weight
+
+
+@torch.no_grad()
+def collect_layer_inputs(
+    model: nn.Module,
+    processing_class,
+    dataset: Dataset,
+    settings: CalibrationSettings,
+    target_modules: str | Sequence[str] | None = None,
+    show_progress: bool = False,
+) -> LayerInputs:
+    """
+    Every constrained layer's input covariance over `dataset`, with the calibration's own code: the base model's
+    greedy answers to the prompts (adapters off, as `settings` asks), then one pass with padding masked and shared
+    inputs computed once.
+
+    Args:
+        model (`nn.Module`):
+            The model, plain or PEFT-wrapped; collect before training, so that `W` is the starting weight.
+        processing_class ([`~transformers.PreTrainedTokenizerBase`]):
+            Its tokenizer.
+        dataset ([`~datasets.Dataset`]):
+            General-task data in a format calibration accepts (`prompt`, `messages` or `text`).
+        settings ([`CalibrationSettings`]):
+            How the sequences are built (sample count, lengths, greedy answers).
+        target_modules (`str` or `list[str]`, *optional*):
+            The constrained modules, as given to calibration.
+        show_progress (`bool`, *optional*, defaults to `False`):
+            Show progress bars.
+
+    Returns:
+        [`LayerInputs`]: the covariances, the sequences and each module's ‖W·K‖².
+    """
+    modules = find_constrained_modules(model, target_modules)
+    started = time.perf_counter()
+    sequences, counts = calibration_token_sequences(model, processing_class, dataset, settings, show_progress)
+    generated = time.perf_counter()
+    groups = list(
+        layer_input_covariances(model, modules, sequences, pad_token_id(processing_class), settings, show_progress)
+    )
+    finished = time.perf_counter()
+    base_output_energy = {}
+    for names, accumulator in groups:
+        for name in names:
+            weight = _weight_rows(base_linear(modules[name]))
+            base_output_energy[name] = torch.trace(weight @ accumulator.sum @ weight.T).item()
+    return LayerInputs(
+        groups=groups,
+        sequences=sequences,
+        counts=counts,
+        base_output_energy=base_output_energy,
+        target_modules=target_modules,
+        seconds={"generation": generated - started, "covariances": finished - generated},
+    )
+
+
+@torch.no_grad()
+def output_change(
+    model: nn.Module, inputs: LayerInputs, initial_weights: dict[str, torch.Tensor] | None = None
+) -> OutputChange:
+    """
+    Exact ‖ΔW·K‖ / ‖W·K‖ of the constrained layers of `model` on `inputs`.
+
+    Args:
+        model (`nn.Module`):
+            The trained model: with LoRA, ΔW = s·B·A of the active adapter; without, ΔW = W − W₀.
+        inputs ([`LayerInputs`]):
+            The base model's layer inputs, from [`collect_layer_inputs`] on a model with the same constrained modules.
+        initial_weights (`dict[str, torch.Tensor]`, *optional*):
+            Full fine-tuning only: W₀ of every constrained module by name, laid out as the module stores its weight.
+
+    Returns:
+        [`OutputChange`]: pooled over layers, for the worst layer, and per module kind.
+    """
+    covariances = inputs.covariance_by_module()
+    delta_sq = base_sq = worst = 0.0
+    by_kind: dict[str, list[float]] = {}
+    for name, module in find_constrained_modules(model, inputs.target_modules).items():
+        covariance = covariances[name]
+        if hasattr(module, "lora_A"):
+            adapter = module.active_adapters[0]
+            lora_a = module.lora_A[adapter].weight.double()
+            lora_b = module.lora_B[adapter].weight.double()
+            inner = lora_a @ covariance @ lora_a.T
+            layer_delta_sq = module.scaling[adapter] ** 2 * torch.trace(lora_b @ inner @ lora_b.T).item()
+        else:
+            if initial_weights is None:
+                raise ValueError(
+                    "Without LoRA the update is W − W₀: pass `initial_weights`, every constrained module's weight "
+                    "before training."
+                )
+            delta = module.weight.double() - initial_weights[name].double()
+            delta = delta.T if isinstance(module, Conv1D) else delta
+            layer_delta_sq = torch.trace(delta @ covariance @ delta.T).item()
+        layer_base_sq = inputs.base_output_energy[name]
+        delta_sq += layer_delta_sq
+        base_sq += layer_base_sq
+        worst = max(worst, math.sqrt(max(layer_delta_sq, 0.0) / layer_base_sq))
+        kind = by_kind.setdefault(name.rsplit(".", 1)[-1], [0.0, 0.0])
+        kind[0] += layer_delta_sq
+        kind[1] += layer_base_sq
+    return OutputChange(
+        pooled=math.sqrt(max(delta_sq, 0.0) / base_sq),
+        worst_layer=worst,
+        by_kind={kind: math.sqrt(max(d, 0.0) / b) for kind, (d, b) in by_kind.items()},
+    )
