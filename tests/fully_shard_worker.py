@@ -1,8 +1,8 @@
-"""One rank of a torch FSDP2 (`fully_shard`) experiment on CPU (gloo), for `tests/test_distributed.py`.
+"""One rank of a torch FSDP2 (`fully_shard`) experiment on CPU (gloo), for `tests/test_fsdp2.py`.
 
-Accelerate enables FSDP only on accelerators: with `use_cpu=True`, `fsdp=...` falls back to DDP, so NSPOTrainer
-cannot be run under FSDP2 here. This worker therefore applies `fully_shard` itself to a LoRA model and trains it with
-a plain loop, in two variants:
+The projection NSPO needs under FSDP2, without any trainer: this worker applies `fully_shard` itself to a LoRA model
+and trains it with a plain loop (`fsdp2_worker.py` runs the trainers through Accelerate's FSDP2 path), in two
+variants:
 
 - `bound_before_sharding`: the current `NullSpaceConstraint`, built before sharding as NSPOTrainer builds it before
   Accelerate prepares the model. `fully_shard` replaces every parameter with a new DTensor one, so the constraint
@@ -13,8 +13,8 @@ a plain loop, in two variants:
 
 It also tries NSPOTrainer on a model that transformers sharded at load time (`DistributedConfig(fsdp_size=2)`).
 
-Launch: `python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp2_worker.py MODEL_DIR OUTPUT_DIR`.
-Each rank writes `report-rank{r}.json`.
+Launch: `python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fully_shard_worker.py MODEL_DIR
+OUTPUT_DIR`. Each rank writes `report-rank{r}.json`.
 """
 
 import argparse

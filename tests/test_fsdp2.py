@@ -18,8 +18,8 @@ from test_distributed import WORLD_SIZE, launch_on_two_processes, reports, run_o
 
 TRAINER = "trl.GRPOTrainer"
 FSDP2_EXAMPLE = Path(__file__).parents[1] / "examples" / "accelerate" / "fsdp2.yaml"
-# Full fine-tuning resumes from the example's SHARDED_STATE_DICT checkpoints. LoRA resumes only from FULL_STATE_DICT
-# ones (as in fsdp2_qlora.yaml): a sharded checkpoint of a PEFT model resumes a fresh adapter (test below).
+# Full fine-tuning resumes from the example's SHARDED_STATE_DICT checkpoints. LoRA resumes from FULL_STATE_DICT ones
+# (as in fsdp2_qlora.yaml): with activation checkpointing, a sharded checkpoint of a PEFT model holds no adapter.
 STATE_DICT_TYPE = {"lora": "FULL_STATE_DICT", "full": "SHARDED_STATE_DICT"}
 
 
@@ -156,9 +156,12 @@ class TestAccelerateFSDP2:
         for name in end:
             assert torch.equal(end[name], resumed_end[name]), name
 
-    def test_a_sharded_checkpoint_of_a_peft_model_resumes_a_fresh_adapter(self, tiny_model_dir, tmp_path):
-        # Accelerate saves the adapter of a PEFT model with SHARDED_STATE_DICT, but loads it back with PEFT's
-        # `set_peft_model_state_dict`, under names that match nothing: the run resumes from B = 0, silently.
+    def test_a_sharded_checkpoint_with_activation_checkpointing_resumes_a_fresh_adapter(
+        self, tiny_model_dir, tmp_path
+    ):
+        # With SHARDED_STATE_DICT, Accelerate saves and loads a PEFT model's adapter through PEFT's
+        # `get_peft_model_state_dict`, which finds nothing once FSDP's activation checkpointing has wrapped the decoder
+        # layers: the checkpoint holds no adapter, and the run resumes from B = 0, silently.
         trained = run_fsdp2_worker(
             tiny_model_dir, tmp_path / "trained", "lora", "--max-steps", "2", state_dict_type="SHARDED_STATE_DICT"
         )
