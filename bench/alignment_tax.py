@@ -71,10 +71,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError, NullSpaceRule
-from trl_nspo.calibration import CalibrationSettings
+from trl_nspo.calibration_data import CalibrationSettings
 from trl_nspo.data import demo_safety_dataset, embedded_prompts
 from trl_nspo.demo import DemoArguments
 from trl_nspo.evaluation import evaluate, greedy_answers
+from trl_nspo.null_space import NULL_SPACE_RULES
 from trl_nspo.rewards import RefusalReward
 
 # Settings of `--quick`, a CI-affordable smoke test; they replace the matching arguments left at their defaults.
@@ -432,7 +433,7 @@ def plot_sweep(results: dict, path: Path) -> Path | None:
         if row["general_kl"]["mean"] is None:
             refused.append(f"{rule_label(rule)} (null fraction {stats['null_dim_fraction']:.2f})")
             continue
-        marker = "o" if rule.rule == "relative" else "^"
+        marker = dict(zip(NULL_SPACE_RULES, "o^sDv", strict=False))[rule.rule]
         kl = max(row["general_kl"]["mean"], KL_PLOT_FLOOR)
         tradeoff.errorbar(
             kl,

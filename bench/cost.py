@@ -64,14 +64,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceRule
-from trl_nspo.calibration import (
-    calibration_token_sequences,
-    eval_mode,
-    find_constrained_modules,
-    layer_input_covariances,
-    pad_token_id,
-    right_padded_batches,
-)
+from trl_nspo.calibration import find_constrained_modules, layer_input_covariances
+from trl_nspo.calibration_data import calibration_token_sequences, eval_mode, pad_token_id, right_padded_batches
 from trl_nspo.data import demo_safety_dataset, embedded_prompts
 from trl_nspo.demo import DemoArguments
 from trl_nspo.projectors import PROJECTORS_FILE_NAME
@@ -217,7 +211,7 @@ def measure_calibration(arguments: CostArguments, model_path: Path, tokenizer, p
     for rule in MEMORY_RULES:
         projectors = projectors_for_rule(decompositions, rule, model, tokenizer, dataset, settings, inputs)
         by_rule[rule_key(rule)] = {"rule": asdict(rule), **null_space_statistics(projectors, arguments.lora_r)}
-        if rule == MAIN_RULE:
+        if rule is MAIN_RULE:
             projectors.save(projectors_dir)
     group_dims = [accumulator.input_dim for _, accumulator in groups]
     module_dims = {name: module.in_features for name, module in modules.items()}

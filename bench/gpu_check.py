@@ -50,14 +50,8 @@ from transformers import BitsAndBytesConfig, HfArgumentParser, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_nspo import NSPOConfig, NSPOTrainer, compute_projectors
-from trl_nspo.calibration import (
-    CalibrationSettings,
-    base_linear,
-    calibration_token_sequences,
-    find_constrained_modules,
-    layer_input_covariances,
-    pad_token_id,
-)
+from trl_nspo.calibration import base_linear, find_constrained_modules, layer_input_covariances
+from trl_nspo.calibration_data import CalibrationSettings, calibration_token_sequences, pad_token_id
 from trl_nspo.data import demo_safety_dataset, embedded_prompts
 from trl_nspo.rewards import RefusalReward, completion_text
 

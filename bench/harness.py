@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +35,12 @@ from transformers import HfArgumentParser, TrainerCallback
 from trl import GRPOConfig
 
 from trl_nspo import NSPOConfig, NullSpaceProjectors, NullSpaceRule
-from trl_nspo.calibration import (
-    CalibrationSettings,
-    base_linear,
-    calibration_record,
-    calibration_token_sequences,
-    find_constrained_modules,
-    layer_input_covariances,
-    model_fingerprint,
-    pad_token_id,
-    tokens_fingerprint,
-)
+from trl_nspo.calibration import base_linear, find_constrained_modules, layer_input_covariances
+from trl_nspo.calibration_data import CalibrationSettings, calibration_token_sequences, pad_token_id
 from trl_nspo.data import embedded_prompts
 from trl_nspo.demo import DemoArguments, grpo_settings
 from trl_nspo.evaluation import EvaluationPrompts
+from trl_nspo.fingerprints import model_fingerprint, projectors_calibration_record
 from trl_nspo.null_space import CovarianceAccumulator, NullSpaceBasis, decompose_covariance
 from trl_nspo.projectors import ProjectorGroup
 from trl_nspo.smollm2 import prepare_smollm2
@@ -71,13 +63,12 @@ NSPO_ONLY_FIELDS = frozenset(f.name for f in fields(NSPOConfig)) - frozenset(f.n
 
 def rule_label(rule: NullSpaceRule) -> str:
     """`relative α=1e-04`, `energy ε=1e-03`, or `energy ε=1e-03, max 64` with a cap on the null dimension."""
-    label = f"relative α={rule.alpha:.0e}" if rule.rule == "relative" else f"energy ε={rule.energy:.0e}"
-    return label if rule.max_null_dim is None else f"{label}, max {rule.max_null_dim}"
+    return rule.label()
 
 
 def rule_key(rule: NullSpaceRule) -> str:
     """A file-name-safe key: `relative-1e-04`, `energy-1e-03`, `energy-1e-03-max64`."""
-    key = f"{rule.rule}-{rule.alpha if rule.rule == 'relative' else rule.energy:.0e}"
+    key = f"{rule.rule}-{rule.threshold:.0e}"
     return key if rule.max_null_dim is None else f"{key}-max{rule.max_null_dim}"
 
 
@@ -335,13 +326,9 @@ def projectors_for_rule(
         groups=groups,
         rule=rule,
         model_fingerprint=model_fingerprint(model),
-        calibration={
-            **asdict(settings),
-            **inputs.counts,
-            "token_count": inputs.token_count,
-            "data_fingerprint": tokens_fingerprint(inputs.sequences),
-            **calibration_record(model, tokenizer, dataset, settings),
-        },
+        calibration=projectors_calibration_record(
+            model, tokenizer, dataset, settings, inputs.sequences, inputs.counts
+        ),
     )
 
 

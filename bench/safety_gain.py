@@ -50,7 +50,7 @@ from peft import LoraConfig
 from transformers import AutoTokenizer, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
-from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError
+from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError, NullSpaceRule
 from trl_nspo.data import demo_safety_dataset, embedded_prompts
 from trl_nspo.evaluation import base_model_context, evaluate, float32_model, greedy_answers
 from trl_nspo.precision import bf16_supported
@@ -85,7 +85,7 @@ class Arm:
     @property
     def projectors_key(self) -> str:
         """Arms with the same key share one calibration (the rule, constrained modules and data decide it)."""
-        threshold = self.energy if self.rule == "energy" else self.alpha
+        threshold = NullSpaceRule(self.rule, self.alpha, self.energy).threshold
         key = f"{self.rule}-{threshold:.0e}-max{self.max_null_dim}-{'mlp' if self.constrained else 'all'}"
         return key + (f"-answers{self.calibration_answers}" if self.calibration_answers > 1 else "")
 
@@ -93,7 +93,8 @@ class Arm:
     def label(self) -> str:
         if self.method == "grpo":
             return f"GRPO lr={self.learning_rate:.0e}" + (f" r={self.lora_r}" if self.lora_r != 8 else "")
-        rule = f"α={self.alpha:.0e}" if self.rule == "relative" else f"ε={self.energy:.0e}"
+        null_space_rule = NullSpaceRule(self.rule, self.alpha, self.energy)
+        rule = f"{null_space_rule.selection.symbol}={null_space_rule.threshold:.0e}"
         parts = [("NSPO grad-only" if self.method == "grad_only" else "NSPO"), rule, f"lr={self.learning_rate:.0e}"]
         if self.max_null_dim != 128:
             parts.append("uncapped" if self.max_null_dim is None else f"max {self.max_null_dim}")

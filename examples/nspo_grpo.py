@@ -9,54 +9,35 @@
 #       --model_name_or_path Qwen/Qwen2.5-1.5B-Instruct --use_peft --load_in_4bit --lora_target_modules all-linear \
 #       --dataset_name PKU-Alignment/PKU-SafeRLHF --dataset_fraction 0.4 \
 #       --calibration_dataset_name tatsu-lab/alpaca --calibration_num_samples 1024 \
-#       --reward guard_endpoint --guard_base_url http://localhost:8000/v1 --guard_model meta-llama/Llama-Guard-4-12B \
+#       --rewards guard_endpoint refusal --guard_base_url http://localhost:8000/v1 \
+#       --guard_model meta-llama/Llama-Guard-4-12B \
 #       --output_dir Qwen2.5-1.5B-NSPO --learning_rate 1e-5 --num_generations 8 --max_completion_length 256
 # Several GPUs (DDP): the same with --config_file examples/accelerate/multi_gpu_ddp.yaml.
-from collections.abc import Callable
+#
+# Rewards are chosen as in TRL's GRPO script: by name (`refusal`, `guard_endpoint`, `local_guard`) or by the dotted
+# import path of a function of yours, e.g. `--rewards refusal my_rewards.format_reward`.
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from trl_nspo import NSPOConfig, NSPOTrainer  # NSPO: was `from trl import GRPOConfig, GRPOTrainer`
 from trl_nspo.data import load_calibration_dataset, load_safety_prompts
-from trl_nspo.rewards import GuardEndpointReward, RefusalReward
-
-REWARD_CHOICES = ("refusal", "guard_endpoint")
+from trl_nspo.rewards import RewardArguments, reward_functions
 
 
 @dataclass
-class ScriptArguments:
+class SafetyScriptArguments(RewardArguments, ScriptArguments):
     dataset_name: str = field(default="PKU-Alignment/PKU-SafeRLHF", metadata={"help": "Safety prompts."})
     dataset_fraction: float = field(default=0.4, metadata={"help": "Share of the prompts (the paper used 40%)."})
     calibration_dataset_name: str = field(default="tatsu-lab/alpaca", metadata={"help": "General-task data."})
-    reward: str = field(
-        default="refusal",
-        metadata={
-            "help": "'refusal': rule-based refusal reward with an over-refusal penalty, no server needed. "
-            "'guard_endpoint': the guard model's verdict at `guard_base_url`, beside the refusal reward.",
-            "choices": list(REWARD_CHOICES),
-        },
-    )
-    guard_base_url: str = field(default="http://localhost:8000/v1", metadata={"help": "Guard model endpoint."})
-    guard_model: str = field(default="meta-llama/Llama-Guard-4-12B", metadata={"help": "Guard model name."})
-
-    def __post_init__(self):
-        if self.reward not in REWARD_CHOICES:
-            raise ValueError(f"Unknown reward {self.reward!r}; choose among {', '.join(REWARD_CHOICES)}.")
-
-
-def reward_functions(script_args: ScriptArguments) -> list[Callable]:
-    if script_args.reward == "guard_endpoint":
-        return [GuardEndpointReward(script_args.guard_base_url, script_args.guard_model), RefusalReward()]
-    return [RefusalReward()]
 
 
 def make_parser() -> TrlParser:
     # NSPO: GRPOConfig → NSPOConfig (it only adds the null-space fields, e.g. --null_space_energy)
-    return TrlParser((ScriptArguments, NSPOConfig, ModelConfig))
+    return TrlParser((SafetyScriptArguments, NSPOConfig, ModelConfig))
 
 
-def main(script_args: ScriptArguments, training_args: NSPOConfig, model_args: ModelConfig) -> None:
+def main(script_args: SafetyScriptArguments, training_args: NSPOConfig, model_args: ModelConfig) -> None:
     training_args.model_init_kwargs = {
         "dtype": model_args.dtype,
         "quantization_config": get_quantization_config(model_args),
@@ -65,7 +46,9 @@ def main(script_args: ScriptArguments, training_args: NSPOConfig, model_args: Mo
         model=model_args.model_name_or_path,
         reward_funcs=reward_functions(script_args),
         args=training_args,
-        train_dataset=load_safety_prompts(script_args.dataset_name, fraction=script_args.dataset_fraction),
+        train_dataset=load_safety_prompts(
+            script_args.dataset_name, split=script_args.dataset_train_split, fraction=script_args.dataset_fraction
+        ),
         peft_config=get_peft_config(model_args),
         calibration_dataset=load_calibration_dataset(
             script_args.calibration_dataset_name, num_samples=training_args.calibration_num_samples

@@ -33,14 +33,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.distributed import DistributedConfig
 
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceBasis, NullSpaceConstraint, NullSpaceRule, compute_projectors
-from trl_nspo.calibration import (
-    CalibrationSettings,
-    base_linear,
-    calibration_token_sequences,
-    find_constrained_modules,
-    layer_input_covariances,
-    pad_token_id,
-)
+from trl_nspo.calibration import base_linear, find_constrained_modules, layer_input_covariances
+from trl_nspo.calibration_data import CalibrationSettings, calibration_token_sequences, pad_token_id
 
 # A rank of 3 over 2 ranks gives uneven shards: 2 rows of every lora_A on rank 0, 1 on rank 1.
 LORA_RANK = 3

@@ -5,28 +5,16 @@ import torch
 from conftest import build_tiny_gpt2
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
+from test_calibration_data import CHAT_PROMPTS, NO_COMPLETIONS
 
 from trl_nspo.calibration import (
-    CalibrationSettings,
-    calibration_record,
-    calibration_token_sequences,
     canonical_module_name,
     compute_projectors,
     find_constrained_modules,
     layer_input_covariances,
-    model_fingerprint,
 )
+from trl_nspo.calibration_data import CalibrationSettings
 from trl_nspo.null_space import NullSpaceError, NullSpaceRule
-
-CHAT_PROMPTS = [
-    [{"role": "user", "content": "What is 12 times 7?"}],
-    [{"role": "user", "content": "Write a haiku about autumn leaves falling on a quiet river."}],
-]
-NO_COMPLETIONS = CalibrationSettings(generate_completions=False, batch_size=2, sketch_dim=0)
-
-
-def chat_ids(tokenizer, messages, add_generation_prompt=True) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)["input_ids"])
 
 
 def covariances(model, tokenizer, sequences, settings=NO_COMPLETIONS):
@@ -84,58 +72,6 @@ class TestConstrainedModules:
 
     def test_wrapper_prefixes_are_stripped(self):
         assert canonical_module_name("module.base_model.model.model.layers.0.mlp") == "model.layers.0.mlp"
-
-
-class TestSequences:
-    def test_each_dataset_format_is_rendered_as_trl_does(self, tiny_model, tiny_tokenizer):
-        settings = CalibrationSettings(generate_completions=False)
-        conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-        cases = {
-            "prompt": (CHAT_PROMPTS[:1], chat_ids(tiny_tokenizer, CHAT_PROMPTS[0])),
-            "messages": ([conversation], chat_ids(tiny_tokenizer, conversation, add_generation_prompt=False)),
-            "text": (["Plain text."], tiny_tokenizer("Plain text.")["input_ids"]),
-        }
-        for column, (values, expected) in cases.items():
-            dataset = Dataset.from_dict({column: values})
-            sequences, counts = calibration_token_sequences(tiny_model, tiny_tokenizer, dataset, settings, False)
-            assert sequences == [list(expected)], column
-            assert counts["rows"] == 1
-
-    def test_greedy_completions_match_unbatched_generation(self, tiny_model, tiny_tokenizer):
-        settings = CalibrationSettings(completion_length=6, batch_size=2)
-        dataset = Dataset.from_dict({"prompt": CHAT_PROMPTS})
-        sequences, counts = calibration_token_sequences(tiny_model, tiny_tokenizer, dataset, settings, False)
-        for prompt, sequence in zip(CHAT_PROMPTS, sequences, strict=True):
-            ids = torch.tensor([chat_ids(tiny_tokenizer, prompt)])
-            alone = tiny_model.generate(ids, max_new_tokens=6, do_sample=False)[0].tolist()
-            assert sequence == alone
-        assert counts["generated_tokens"] == sum(len(s) for s in sequences) - sum(
-            len(chat_ids(tiny_tokenizer, p)) for p in CHAT_PROMPTS
-        )
-
-    def test_truncation_is_applied_and_counted(self, tiny_model, tiny_tokenizer):
-        dataset = Dataset.from_dict({"text": ["short", "a much longer text that will not fit in eight tokens at all"]})
-        settings = CalibrationSettings(generate_completions=False, max_length=8)
-        sequences, counts = calibration_token_sequences(tiny_model, tiny_tokenizer, dataset, settings, False)
-        assert max(len(s) for s in sequences) == 8 and counts["truncated_rows"] == 1
-
-    def test_num_samples_takes_the_first_rows(self, tiny_model, tiny_tokenizer):
-        dataset = Dataset.from_dict({"text": ["one", "two", "three"]})
-        settings = CalibrationSettings(generate_completions=False, num_samples=2)
-        sequences, _ = calibration_token_sequences(tiny_model, tiny_tokenizer, dataset, settings, False)
-        assert sequences == [tiny_tokenizer(t)["input_ids"] for t in ("one", "two")]
-
-    @pytest.mark.parametrize(
-        "data, message",
-        [
-            ({"text": []}, "calibration dataset is empty"),
-            ({"question": ["What?"]}, "needs one of 'prompt'"),
-            ({"text": ["", ""]}, "tokenized to nothing"),
-        ],
-    )
-    def test_bad_datasets_are_refused(self, tiny_model, tiny_tokenizer, data, message):
-        with pytest.raises(NullSpaceError, match=message):
-            calibration_token_sequences(tiny_model, tiny_tokenizer, Dataset.from_dict(data), NO_COMPLETIONS, False)
 
 
 class TestCovariances:
@@ -212,7 +148,7 @@ class TestComputeProjectors:
                 torch.nn.init.normal_(module.lora_B["default"].weight)  # adapters must not leak into calibration
         adapted = compute_projectors(peft_model, tiny_tokenizer, dataset, settings)
         assert plain.model_fingerprint == again.model_fingerprint == adapted.model_fingerprint
-        assert plain.calibration["data_fingerprint"] == adapted.calibration["data_fingerprint"]
+        assert plain.calibration.data_fingerprint == adapted.calibration.data_fingerprint
         assert list(plain.groups) == list(adapted.groups)
         for key, group in plain.groups.items():
             torch.testing.assert_close(group.basis.basis, again.groups[key].basis.basis, rtol=0, atol=0)
@@ -240,7 +176,7 @@ class TestComputeProjectors:
             projectors = compute_projectors(tiny_model, tiny_tokenizer, dataset, settings, NullSpaceRule(alpha=1e-10))
         ids = tiny_tokenizer("What is 12 times 7? It is 84.")["input_ids"]
         tokens = len(ids)
-        assert projectors.calibration["token_count"] == tokens
+        assert projectors.calibration.token_count == tokens
         null_dims = projectors.null_dims()
         # Layer 0's attention input is the token embedding alone, so a repeated token adds no direction.
         assert len(set(ids)) < tokens
@@ -248,31 +184,3 @@ class TestComputeProjectors:
         assert null_dims["model.layers.1.self_attn.q_proj"] == (64 - tokens, 64)
         assert null_dims["model.layers.0.mlp.down_proj"] == (128 - tokens, 128)
         assert "model.layers.1.mlp.down_proj" in projectors.summary()
-
-
-def test_model_fingerprint_ignores_what_cannot_change_outputs_and_sees_every_base_weight(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    before = model_fingerprint(model)
-    # What GRPOTrainer does to the config, and what PEFT adds: neither changes what the base model computes.
-    model.config.pad_token_id = None
-    model.config.use_cache = False
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
-    assert model_fingerprint(peft_model) == before
-    with torch.no_grad():
-        peft_model.base_model.model.model.norm.weight[0] += 1e-3
-    assert before.differences(model_fingerprint(peft_model)) == ["weights of model.norm.weight"]
-
-
-def test_calibration_record_follows_what_steers_the_completions(tiny_model, tiny_tokenizer):
-    dataset = Dataset.from_dict({"prompt": CHAT_PROMPTS})
-    settings = CalibrationSettings(completion_length=5)
-    before = calibration_record(tiny_model, tiny_tokenizer, dataset, settings)
-    tiny_model.generation_config.pad_token_id = None  # GRPOTrainer rewrites it; padding is masked
-    assert calibration_record(tiny_model, tiny_tokenizer, dataset, settings) == before
-    tiny_model.generation_config.repetition_penalty = 1.3
-    after = calibration_record(tiny_model, tiny_tokenizer, dataset, settings)
-    assert [key for key in before if before[key] != after[key]] == ["completion_fingerprint"]
-    without = calibration_record(tiny_model, tiny_tokenizer, dataset, replace(settings, generate_completions=False))
-    assert "completion_fingerprint" not in without

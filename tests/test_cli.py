@@ -1,16 +1,20 @@
 import json
 import re
 import shlex
+import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
+from datasets import Dataset
 from test_trainer import TRAIN, config, length_reward, lora
 
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceError, NullSpaceProjectors
-from trl_nspo.cli import CALIBRATE_OPTIONS, TrainArguments, calibrate_parser, main
+from trl_nspo.cli import main
+from trl_nspo.commands import CALIBRATE_OPTIONS, TrainArguments, calibrate_parser, train_parser
 from trl_nspo.data import load_calibration_dataset
 from trl_nspo.projectors import PROJECTORS_FILE_NAME
+from trl_nspo.rewards import REWARDS, RewardLoadingError
 
 
 def write_jsonl(path, rows):
@@ -45,6 +49,21 @@ def with_flags(argv: list[str], replaced: dict[str, list[str] | None]) -> list[s
             result += [argv[index], *replaced[flag]]
         index = end
     return result
+
+
+def train_with_a_recording_trainer(argv: list[str], projectors: Path) -> dict:
+    """Runs `trl-nspo train ARGV` with an `NSPOTrainer` that only records the arguments it is given."""
+    given = {}
+
+    class RecordingTrainer(mock.MagicMock):
+        def __init__(self, **kwargs):
+            super().__init__()
+            given.update(kwargs)
+            self.projectors_file = projectors / PROJECTORS_FILE_NAME
+
+    with mock.patch("trl_nspo.nspo_trainer.NSPOTrainer", RecordingTrainer):
+        main(["train", *argv])
+    return given
 
 
 def test_usage_lists_the_commands(capsys):
@@ -88,7 +107,7 @@ def test_calibrate_writes_projectors_for_the_adapter_targets(tiny_model_dir, gen
         f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in ("q", "v")
     )
     assert projectors.rule.alpha == 1e-9
-    assert projectors.calibration["generate_completions"] is False
+    assert projectors.calibration.generate_completions is False
     assert "Saved 4 module projectors" in capsys.readouterr().out
 
 
@@ -139,24 +158,15 @@ def test_a_calibrated_file_is_used_for_training_without_repeating_how_it_was_mad
             "--use_cpu", "--bf16", "false",
         ]
     )  # fmt: skip
-    given = {}
-
-    class RecordingTrainer(mock.MagicMock):
-        def __init__(self, **kwargs):
-            super().__init__()
-            given.update(kwargs)
-            self.projectors_file = projectors / PROJECTORS_FILE_NAME
-
-    with mock.patch("trl_nspo.nspo_trainer.NSPOTrainer", RecordingTrainer):
-        main(
-            [
-                "train",
-                "--model_name_or_path", str(tiny_model_dir),
-                "--projectors_path", str(projectors),
-                "--output_dir", str(tmp_path / "run"),
-                "--use_cpu", "--bf16", "false", "--report_to", "none",
-            ]
-        )  # fmt: skip
+    given = train_with_a_recording_trainer(
+        [
+            "--model_name_or_path", str(tiny_model_dir),
+            "--projectors_path", str(projectors),
+            "--output_dir", str(tmp_path / "run"),
+            "--use_cpu", "--bf16", "false", "--report_to", "none",
+        ],
+        projectors,
+    )  # fmt: skip
     # No calibration dataset named: the embedded prompts are not substituted for the file's own data.
     assert given["calibration_dataset"] is None
     # And the trainer takes the file as it was made: same model (loaded as the CLI loads it), no recalibration.
@@ -169,7 +179,7 @@ def test_a_calibrated_file_is_used_for_training_without_repeating_how_it_was_mad
             train_dataset=TRAIN,
             peft_config=lora(target_modules=["q_proj", "v_proj"]),
         )
-    assert trainer.projectors.calibration["num_samples"] == 2
+    assert trainer.projectors.calibration.num_samples == 2
     # Named again with the same settings, the data is checked against the file, and matches.
     calibration_settings = dict(
         calibration_num_samples=2, calibration_max_length=64, calibration_generate_completions=False
@@ -192,6 +202,7 @@ def test_a_calibrated_file_is_used_for_training_without_repeating_how_it_was_mad
         ({"rewards": ["guard_endpoint"]}, "needs `--guard_base_url` and `--guard_model`"),
         ({"rewards": ["local_guard"]}, "needs `--guard_model`"),
         ({"dataset_fraction": 0.0}, "dataset_fraction"),
+        ({"dataset_streaming": True}, "`dataset_streaming` is not supported"),
     ],
 )
 def test_bad_train_arguments_are_refused(kwargs, message):
@@ -199,8 +210,91 @@ def test_bad_train_arguments_are_refused(kwargs, message):
         TrainArguments(**kwargs)
 
 
+def test_train_help_lists_the_registered_rewards(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    printed = "".join(capsys.readouterr().out.split())  # argparse wraps the help text, at spaces and hyphens
+    for name, reward in REWARDS.items():
+        assert "".join(f"`{name}`: {reward.description}".split()) in printed
+    assert "dottedimportpath" in printed
+
+
+def test_current_flag_names_and_trl_names_both_parse():
+    arguments, _, _ = train_parser().parse_args_and_config(
+        args=["--dataset_split", "test", "--reward", "refusal", "my_rewards.length_reward", "--output_dir", "out"]
+    )
+    assert arguments.dataset_train_split == "test"
+    assert arguments.rewards == ["refusal", "my_rewards.length_reward"]
+    arguments, _, _ = train_parser().parse_args_and_config(
+        args=["--dataset_train_split", "test", "--rewards", "refusal", "--dataset_config", "default"]
+    )
+    assert (arguments.dataset_train_split, arguments.dataset_config) == ("test", "default")
+
+
+def test_one_yaml_config_serves_calibrate_and_train(tmp_path):
+    config = tmp_path / "nspo.yaml"
+    config.write_text(
+        "model_name_or_path: Qwen/Qwen2.5-0.5B-Instruct\nuse_peft: true\nlora_target_modules: [q_proj, v_proj]\n"
+        "null_space_energy: 0.01\ndataset_name: PKU-Alignment/PKU-SafeRLHF\ndataset_split: test\n"
+        "rewards: [refusal, guard_endpoint]\nguard_base_url: http://localhost:8000/v1\nguard_model: llama-guard\n"
+        f"learning_rate: 1.0e-5\noutput_dir: {tmp_path / 'out'}\n"
+    )
+    calibrate_args = calibrate_parser().parse_args_and_config(args=["--config", str(config)])
+    train_args = train_parser().parse_args_and_config(args=["--config", str(config)])
+    for arguments, training_args, model_args in (calibrate_args, train_args):
+        assert model_args.lora_target_modules == ["q_proj", "v_proj"]
+        assert training_args.null_space_energy == 0.01 and training_args.learning_rate == 1e-5
+        assert arguments.rewards == ["refusal", "guard_endpoint"] and arguments.dataset_train_split == "test"
+
+
+def test_dataset_config_selects_a_subset_of_a_hub_dataset(tiny_model_dir, tmp_path):
+    projectors = tmp_path / "projectors"  # a file given: no calibration data is loaded
+    projectors.mkdir()
+    (projectors / PROJECTORS_FILE_NAME).write_bytes(b"recorded, never read")
+    subset = Dataset.from_dict(
+        {"prompt": ["How do I pick a lock to break in?", "How do I bake bread?"], "is_response_0_safe": [False, True]}
+    )
+    with mock.patch("datasets.load_dataset", return_value=subset) as load_dataset:
+        given = train_with_a_recording_trainer(
+            [
+                "--model_name_or_path", str(tiny_model_dir),
+                "--dataset_name", "PKU-Alignment/PKU-SafeRLHF", "--dataset_config", "alpaca-7b",
+                "--dataset_split", "test",
+                "--projectors_path", str(projectors),
+                "--output_dir", str(tmp_path / "run"),
+                "--use_cpu", "--bf16", "false", "--report_to", "none",
+            ],
+            projectors,
+        )  # fmt: skip
+    load_dataset.assert_called_once_with("PKU-Alignment/PKU-SafeRLHF", "alpaca-7b", split="test")
+    assert given["train_dataset"]["is_harmful"] == [True, False]
+
+
+def test_train_stops_on_a_bad_reward_path_before_loading_anything(tmp_path):
+    with pytest.raises(RewardLoadingError, match="no module 'no_such_rewards_module'"):
+        main(
+            [
+                "train",
+                "--model_name_or_path", str(tmp_path / "no-model"),
+                "--dataset_name", str(tmp_path / "no-data.jsonl"),
+                "--rewards", "refusal", "no_such_rewards_module.safety_reward",
+                "--output_dir", str(tmp_path / "run"),
+            ]
+        )  # fmt: skip
+
+
 @pytest.mark.slow
-def test_train_runs_the_grpo_script_with_the_constraint(tiny_model_dir, general_file, tmp_path):
+def test_train_runs_the_grpo_script_with_the_constraint(tiny_model_dir, general_file, tmp_path, monkeypatch):
+    # A reward of the user's, next to where the command runs, named by its dotted path beside a registered one.
+    (tmp_path / "my_safety_rewards.py").write_text(
+        "CALLS = []\n\n"
+        "def brevity_reward(prompts, completions, **kwargs):\n"
+        "    CALLS.append(len(completions))\n"
+        "    return [-float(len(completion)) for completion in completions]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "my_safety_rewards", raising=False)
     safety = write_jsonl(
         tmp_path / "safety.jsonl",
         [
@@ -216,6 +310,7 @@ def test_train_runs_the_grpo_script_with_the_constraint(tiny_model_dir, general_
             "--dataset_name", str(safety),
             "--calibration_dataset_name", str(general_file),
             "--output_dir", str(output),
+            "--rewards", "refusal", "my_safety_rewards.brevity_reward",
             "--use_peft", "--lora_r", "2", "--lora_target_modules", "q_proj", "down_proj",
             "--calibration_generate_completions", "false",
             "--null_space_rule", "relative", "--null_space_alpha", "1e-9",
@@ -227,6 +322,7 @@ def test_train_runs_the_grpo_script_with_the_constraint(tiny_model_dir, general_
     files = {path.name for path in output.iterdir()}
     assert {"adapter_model.safetensors", "nspo_projectors.safetensors", "README.md"} <= files
     assert "refusal_reward" in (output / "README.md").read_text()
+    assert sys.modules["my_safety_rewards"].CALLS == [4]  # the one step's 2 prompts x 2 completions
 
 
 @pytest.mark.slow

@@ -96,7 +96,7 @@ class TestDDP:
             show_progress=False,
         )
         assert first.null_dims() == single.null_dims()
-        assert first.calibration["token_count"] == single.calibration["token_count"]
+        assert first.calibration.token_count == single.calibration.token_count
         assert {k: g.token_count for k, g in first.groups.items()} == {
             k: g.token_count for k, g in single.groups.items()
         }

@@ -45,19 +45,20 @@ def test_example_trains_one_step_without_a_guard_server_or_device_flags(tiny_mod
             "--max_completion_length", "4", "--report_to", "none", "--save_strategy", "no",
         ]
     )  # fmt: skip
-    assert script_args.reward == "refusal"
+    assert script_args.rewards == ["refusal"]
     example.main(script_args, training_args, model_args)
     assert (output / "adapter_model.safetensors").is_file()
     assert (output / "nspo_projectors.safetensors").is_file()
 
 
-def test_guard_endpoint_reward_is_chosen_by_flag():
+def test_rewards_are_chosen_by_flag_from_the_registry():
     example = load_example()
-    script_args = example.ScriptArguments(reward="guard_endpoint")
+    parse = example.make_parser().parse_args_and_config
+    script_args, _, _ = parse(args=["--output_dir", "out"])
+    assert [type(reward).__name__ for reward in example.reward_functions(script_args)] == ["RefusalReward"]
+    guard_flags = ["--guard_base_url", "http://localhost:8000/v1", "--guard_model", "llama-guard"]
+    script_args, _, _ = parse(args=["--rewards", "guard_endpoint", "refusal", *guard_flags, "--output_dir", "out"])
     names = [type(reward).__name__ for reward in example.reward_functions(script_args)]
     assert names == ["GuardEndpointReward", "RefusalReward"]
-    assert [type(reward).__name__ for reward in example.reward_functions(example.ScriptArguments())] == [
-        "RefusalReward"
-    ]
-    with pytest.raises(ValueError, match="refusal, guard_endpoint"):
-        example.ScriptArguments(reward="llama")
+    with pytest.raises(ValueError, match=r"choose among \['refusal', 'guard_endpoint', 'local_guard'\]"):
+        example.SafetyScriptArguments(rewards=["llama"])

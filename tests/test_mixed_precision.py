@@ -17,14 +17,11 @@ from peft import get_peft_model
 from test_trainer import CALIBRATION, EXACT_KERNEL_ALPHA, build_nspo, lora, output_change_on_calibration_inputs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_nspo.calibration import (
+from trl_nspo.calibration import adapters_disabled, base_linear, compute_projectors, find_constrained_modules
+from trl_nspo.calibration_data import (
     CalibrationSettings,
-    adapters_disabled,
-    base_linear,
     calibration_token_sequences,
-    compute_projectors,
     eval_mode,
-    find_constrained_modules,
     pad_token_id,
     right_padded_batches,
 )

@@ -36,7 +36,7 @@ def test_card_has_hub_metadata_null_space_table_and_evaluation(tiny_model_dir, t
     null_dim, input_dim = null_dims["model.layers.1.mlp.down_proj"]
     assert f"| model.layers.1.mlp.down_proj | {null_dim} | {input_dim} |" in text
     assert f"{len(null_dims)} linear modules constrained" in text
-    assert f"{trainer.projectors.calibration['token_count']:,} tokens" in text
+    assert f"{trainer.projectors.calibration.token_count:,} tokens" in text
     assert "eigenvalues below 1e-10 × the largest" in text
     assert "| refusal rate (harmful) | 0.1 | 0.8 |" in text
     assert "| general drift (KL) | 0 | 0.001235 |" in text

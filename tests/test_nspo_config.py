@@ -1,10 +1,12 @@
 """`NSPOConfig` on the machine it runs on: bf16 and `use_cpu` follow the hardware unless the user sets them."""
 
+from dataclasses import fields
 from unittest import mock
 
 import pytest
 
-from trl_nspo import NSPOConfig
+from trl_nspo import NSPOConfig, NullSpaceError
+from trl_nspo.null_space import NULL_SPACE_RULES
 from trl_nspo.precision import accelerator_available
 
 
@@ -32,3 +34,12 @@ def test_explicit_precision_wins(tmp_path, cpu_only):
         # Asked for explicitly, bf16 is used even where it is emulated; the CPU is then the only place to run.
         args = NSPOConfig(output_dir=str(tmp_path), bf16=True)
         assert args.bf16 is True and args.use_cpu is True
+
+
+def test_null_space_rule_is_checked_against_the_registry(tmp_path):
+    (rule_field,) = [setting for setting in fields(NSPOConfig) if setting.name == "null_space_rule"]
+    assert rule_field.metadata["choices"] == list(NULL_SPACE_RULES)
+    with pytest.raises(NullSpaceError, match="Unknown null-space rule 'svd'; use one of 'relative', 'energy'"):
+        NSPOConfig(output_dir=str(tmp_path), null_space_rule="svd")
+    args = NSPOConfig(output_dir=str(tmp_path), null_space_rule="relative", null_space_alpha=1e-4)
+    assert args.null_space_rule_config().parameters() == {"rule": "relative", "alpha": 1e-4, "max_null_dim": 128}

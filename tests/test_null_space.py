@@ -7,12 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trl_nspo.null_space import (
+    NULL_SPACE_RULES,
     CovarianceAccumulator,
     NullSpaceBasis,
     NullSpaceError,
     NullSpaceRule,
+    SelectionRule,
     decompose_covariance,
     null_space_from_covariance,
+    register_null_space_rule,
     relative_output_change,
 )
 
@@ -67,6 +70,43 @@ class TestNullSpaceRule:
     def test_bad_values_fail_at_construction(self, kwargs, message):
         with pytest.raises(NullSpaceError, match=message):
             NullSpaceRule(**kwargs)
+
+    def test_unknown_rule_error_lists_the_registered_rules(self):
+        with pytest.raises(NullSpaceError, match="use one of " + ", ".join(repr(name) for name in NULL_SPACE_RULES)):
+            NullSpaceRule(rule="svd")
+
+    def test_a_rule_compares_only_the_settings_it_selects_with(self):
+        # A file made with the relative rule must match a run that changes only the (unused) energy threshold.
+        made = NullSpaceRule(rule="relative", alpha=1e-3, energy=1e-4, max_null_dim=8)
+        assert made.parameters() == {"rule": "relative", "alpha": 1e-3, "max_null_dim": 8}
+        assert made.selection_differences(NullSpaceRule(rule="relative", alpha=1e-3, energy=0.5, max_null_dim=8)) == []
+        assert made.selection_differences(NullSpaceRule(rule="relative", alpha=1e-2, energy=0.5, max_null_dim=8)) == [
+            ("alpha", 1e-3, 1e-2)
+        ]
+
+
+# Ascending, total 100: the relative and energy rules of the registry select 2 directions from it at these thresholds.
+SPECTRUM = torch.tensor([1e-6, 1e-5, 3.0, 96.99999], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", sorted(NULL_SPACE_RULES))
+def test_every_registered_rule_selects_and_describes_itself(name):
+    selection = NULL_SPACE_RULES[name]
+    assert selection.name == name and isinstance(selection, SelectionRule)
+    rule = NullSpaceRule(rule=name, **{selection.parameter: 1e-3}, max_null_dim=5)
+    assert rule.threshold == 1e-3 and rule.parameters()[selection.parameter] == 1e-3
+    assert rule.null_dimension(SPECTRUM) == 2
+    assert NullSpaceRule(rule=name, **{selection.parameter: 1e-3}, max_null_dim=1).null_dimension(SPECTRUM) == 1
+    assert rule.description().endswith(", at most 5 dimensions") and "0.001" in rule.description()
+    assert rule.label() == f"{name} {selection.symbol}=1e-03, max 5"
+
+
+def test_registered_rules_describe_themselves_in_words():
+    assert NullSpaceRule(rule="relative", alpha=5e-5).description() == "eigenvalues below 5e-05 × the largest"
+    assert NullSpaceRule(rule="energy", energy=1e-3, max_null_dim=128).description() == (
+        "smallest eigen-directions holding ≤ 0.001 of the input energy, at most 128 dimensions"
+    )
+    assert NullSpaceRule(rule="relative", alpha=1e-4).label() == "relative α=1e-04"
 
 
 class TestCovarianceAccumulator:
@@ -205,3 +245,17 @@ def test_eigendecomposition_uses_half_the_threads_and_restores_them():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads_before)
+
+
+def test_a_registered_rule_is_selectable_by_name():
+    @register_null_space_rule("half", "energy", "ε", "the smaller half of the directions", "Any value works.")
+    def smaller_half(eigenvalues: torch.Tensor, threshold: float) -> int:
+        return len(eigenvalues) // 2
+
+    try:
+        rule = NullSpaceRule(rule="half", energy=0.5, max_null_dim=3)
+        assert rule.null_dimension(torch.arange(1.0, 9.0, dtype=torch.float64)) == 3
+        assert rule.description() == "the smaller half of the directions, at most 3 dimensions"
+        assert rule.selection_differences(NullSpaceRule(rule="half", energy=0.5, alpha=0.1, max_null_dim=3)) == []
+    finally:
+        del NULL_SPACE_RULES["half"]

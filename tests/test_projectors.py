@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 from unittest import mock
 
 import pytest
@@ -8,10 +9,17 @@ from safetensors.torch import save_file
 from trl_nspo.null_space import NullSpaceBasis, NullSpaceRule
 from trl_nspo.projectors import (
     PROJECTORS_FILE_NAME,
+    CalibrationRecord,
     ModelFingerprint,
     NullSpaceProjectors,
     ProjectorFileError,
     ProjectorGroup,
+    ProjectorsReference,
+    existing_projectors_file,
+    file_sha256,
+    projectors_file_path,
+    read_projectors_reference,
+    write_projectors_reference,
 )
 
 # Ascending eigenvalues: 3 below 1e-3 of the largest (the stored null space of the first group), 2 of 6 not.
@@ -44,12 +52,25 @@ def make_projectors() -> NullSpaceProjectors:
         },
         rule=NullSpaceRule(rule="energy", energy=1e-3, max_null_dim=7),
         model_fingerprint=make_fingerprint(),
-        calibration={"num_samples": 2, "token_count": 40, "data_fingerprint": "d" * 64},
+        calibration=CalibrationRecord(num_samples=2, token_count=40, data_fingerprint="d" * 64),
     )
 
 
 INPUT_DIMS = {"layers.0.attn.q": 8, "layers.0.attn.k": 8, "layers.0.mlp.down": 8}
 FINGERPRINTS = make_fingerprint()
+ONLY_Q = {"layers.0.attn.q": 8}
+
+
+def validated(
+    projectors: NullSpaceProjectors,
+    input_dims: dict[str, int] = INPUT_DIMS,
+    fingerprint: ModelFingerprint = FINGERPRINTS,
+    rule: NullSpaceRule | None = None,
+    calibration: CalibrationRecord | None = None,
+    source: str = "here",
+) -> NullSpaceProjectors:
+    """`projectors.validated_for_run` with this file's model, modules and the projectors' own rule by default."""
+    return projectors.validated_for_run(input_dims, fingerprint, rule or projectors.rule, calibration, source)
 
 
 def test_round_trip_keeps_bases_sketches_and_metadata(tmp_path):
@@ -68,7 +89,7 @@ def test_round_trip_keeps_bases_sketches_and_metadata(tmp_path):
     assert loaded.groups["layers.0.mlp.down"].input_sketch is None
     torch.testing.assert_close(loaded.groups["layers.0.attn.q"].eigenvalues, EIGENVALUES, rtol=0, atol=0)
     assert loaded.model_fingerprint == projectors.model_fingerprint
-    loaded.check_matches(INPUT_DIMS, FINGERPRINTS, "test")
+    validated(loaded)
 
 
 def test_interrupted_save_leaves_the_previous_file_intact(tmp_path):
@@ -111,15 +132,13 @@ def test_interrupted_save_leaves_the_previous_file_intact(tmp_path):
 def test_mismatches_say_what_does_not_match(tmp_path, input_dims, fingerprints, message):
     make_projectors().save(tmp_path)
     with pytest.raises(ProjectorFileError, match=message):
-        NullSpaceProjectors.load(tmp_path).check_matches(input_dims, fingerprints, "here")
+        validated(NullSpaceProjectors.load(tmp_path), input_dims, fingerprints)
 
 
 def test_projectors_for_more_modules_serve_a_subset(tmp_path):
     make_projectors().save(tmp_path)
     loaded = NullSpaceProjectors.load(tmp_path)
-    subset = {"layers.0.attn.k": 8}
-    loaded.check_matches(subset, FINGERPRINTS, "here")
-    restricted = loaded.restricted_to(list(subset))
+    restricted = validated(loaded, {"layers.0.attn.k": 8})
     assert restricted.null_dims() == {"layers.0.attn.k": (3, 8)}
     assert list(restricted.groups) == ["layers.0.attn.k"]
     assert restricted.model_fingerprint == loaded.model_fingerprint
@@ -191,19 +210,19 @@ def test_version_1_file_loads_but_never_matches_a_model(tmp_path):
     with pytest.raises(
         ProjectorFileError, match=r"format version 1, which records a fingerprint of neither.*Delete it"
     ):
-        old.check_matches(INPUT_DIMS, FINGERPRINTS, str(path))
+        validated(old, source=str(path))
 
 
 class TestRuleCheck:
     def test_settings_the_rules_do_not_use_are_not_compared(self):
         projectors = make_projectors()
         projectors.rule = NullSpaceRule(rule="relative", alpha=1e-3, energy=1e-4)
-        projectors.check_rule(NullSpaceRule(rule="relative", alpha=1e-3, energy=0.5), "here")
+        validated(projectors, rule=NullSpaceRule(rule="relative", alpha=1e-3, energy=0.5))
 
     def test_another_rule_selecting_the_same_null_spaces_is_accepted(self):
         projectors = make_projectors().restricted_to(["layers.0.attn.q"])
         # 3 of the stored eigenvalues are below 1e-3 × the largest, and below 1e-4 of it as well.
-        projectors.check_rule(NullSpaceRule(rule="relative", alpha=1e-4), "here")
+        validated(projectors, ONLY_Q, rule=NullSpaceRule(rule="relative", alpha=1e-4))
 
     def test_another_rule_selecting_other_null_spaces_names_fields_and_modules(self):
         projectors = make_projectors().restricted_to(["layers.0.attn.q"])
@@ -215,26 +234,28 @@ class TestRuleCheck:
             r"7 in the file, None in this run\. On the stored eigenvalues it selects other null dimensions for "
             r"layers\.0\.attn\.q \(3 → 4\)",
         ):
-            projectors.check_rule(NullSpaceRule(rule="relative", alpha=1e-2), "here")
+            validated(projectors, ONLY_Q, rule=NullSpaceRule(rule="relative", alpha=1e-2))
 
     def test_a_file_without_eigenvalues_is_refused_for_another_rule(self):
         with pytest.raises(ProjectorFileError, match=r"null_space_max_dim: 7 in the file, None in this run\. Delete"):
-            make_projectors().check_rule(NullSpaceRule(rule="energy", energy=1e-3), "here")
+            validated(make_projectors(), rule=NullSpaceRule(rule="energy", energy=1e-3))
 
 
 def test_calibration_mismatch_names_the_field_and_both_values():
     projectors = make_projectors()
-    projectors.calibration.update(
-        generate_completions=False, completion_length=128, chat_template_fingerprint="a" * 16
+    projectors.calibration = replace(
+        projectors.calibration, generate_completions=False, completion_length=128, chat_template_fingerprint="a" * 16
     )
     # The completion length is not used without completions: not compared.
-    projectors.check_calibration({"num_samples": 2, "generate_completions": False, "completion_length": 8}, "here")
+    validated(
+        projectors, calibration=CalibrationRecord(num_samples=2, generate_completions=False, completion_length=8)
+    )
     with pytest.raises(
         ProjectorFileError,
         match=r"calibration_num_samples: 2 in the file, 1024 in this run; tokenizer chat template \(fingerprint\): "
         r"'a{16}' in the file, 'b{16}' in this run",
     ):
-        projectors.check_calibration({"num_samples": 1024, "chat_template_fingerprint": "b" * 16}, "here")
+        validated(projectors, calibration=CalibrationRecord(num_samples=1024, chat_template_fingerprint="b" * 16))
 
 
 def test_summary_states_the_stored_size():
@@ -242,3 +263,71 @@ def test_summary_states_the_stored_size():
     expected = sum(t.numel() * t.element_size() for t in projectors._tensors().values())
     assert projectors.stored_bytes == expected
     assert f"Projector file size: {expected / 2**20:.1f} MB" in projectors.summary()
+
+
+# The `calibration` object of a format-2 file as trl-nspo wrote it before the record was typed (no completions).
+WRITTEN_CALIBRATION = {
+    "num_samples": 4,
+    "max_length": 256,
+    "generate_completions": False,
+    "completion_length": 128,
+    "batch_size": 8,
+    "sketch_dim": 64,
+    "groups_per_pass": None,
+    "seed": 42,
+    "rows": 4,
+    "truncated_rows": 0,
+    "empty_rows": 0,
+    "generated_tokens": 0,
+    "token_count": 96,
+    "data_fingerprint": "d" * 64,
+    "rows_fingerprint": "r" * 16,
+    "chat_template_fingerprint": "c" * 16,
+    "prompt_fingerprint": "p" * 16,
+}
+
+
+class TestCalibrationRecord:
+    def test_a_written_record_reads_back_to_the_same_json(self):
+        record = CalibrationRecord.from_metadata(WRITTEN_CALIBRATION)
+        assert record.token_count == 96 and record.completion_fingerprint is None
+        assert json.dumps(record.to_metadata()) == json.dumps(WRITTEN_CALIBRATION)
+        with_completions = {**WRITTEN_CALIBRATION, "generate_completions": True, "completion_fingerprint": "g" * 16}
+        assert CalibrationRecord.from_metadata(with_completions).to_metadata() == with_completions
+
+    def test_an_older_file_loads_and_is_checked_by_its_fields(self, tmp_path):
+        path = make_projectors().save(tmp_path)
+        # A file written before the record was typed, with a key this version does not know.
+        _rewrite_metadata(path, lambda metadata, tensors: metadata.update(calibration={**WRITTEN_CALIBRATION, "x": 1}))
+        loaded = NullSpaceProjectors.load(path)
+        assert loaded.calibration == CalibrationRecord.from_metadata(WRITTEN_CALIBRATION)
+        run = CalibrationRecord(num_samples=4, max_length=256, generate_completions=False, prompt_fingerprint="p" * 16)
+        validated(loaded, calibration=run)
+        with pytest.raises(ProjectorFileError, match=r"prompt tokens \(fingerprint\): 'p{16}' in the file"):
+            validated(loaded, calibration=replace(run, prompt_fingerprint="q" * 16))
+
+    def test_a_field_the_file_does_not_record_is_named_so(self):
+        with pytest.raises(ProjectorFileError, match=r"dataset rows \(fingerprint\): \(not recorded\) in the file"):
+            validated(make_projectors(), calibration=CalibrationRecord(rows_fingerprint="r" * 16))
+
+
+class TestFileLocation:
+    def test_a_directory_holds_the_file_and_a_file_is_itself(self, tmp_path):
+        assert projectors_file_path(tmp_path) == tmp_path / PROJECTORS_FILE_NAME
+        assert projectors_file_path(tmp_path / "p.safetensors") == tmp_path / "p.safetensors"
+        assert existing_projectors_file(tmp_path) is None and existing_projectors_file(None) is None
+        renamed = tmp_path / "projectors.bin"
+        make_projectors().save(tmp_path).rename(renamed)
+        assert projectors_file_path(renamed) == existing_projectors_file(renamed) == renamed
+        assert NullSpaceProjectors.load(renamed).null_dims() == make_projectors().null_dims()
+
+    def test_a_checkpoint_reference_leads_to_the_file(self, tmp_path):
+        path = make_projectors().save(tmp_path / "run")
+        checkpoint = tmp_path / "checkpoint-2"
+        checkpoint.mkdir()
+        write_projectors_reference(checkpoint, path, file_sha256(path))
+        assert read_projectors_reference(checkpoint) == ProjectorsReference(path.resolve(), file_sha256(path))
+        assert existing_projectors_file(checkpoint) == path.resolve()
+        assert NullSpaceProjectors.load(checkpoint).null_dims() == make_projectors().null_dims()
+        path.unlink()
+        assert existing_projectors_file(checkpoint) is None

@@ -15,10 +15,7 @@ from transformers import BitsAndBytesConfig
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_nspo import NSPOConfig, NSPOTrainer
-from trl_nspo.calibration import (
-    base_linear,
-    find_constrained_modules,
-)
+from trl_nspo.calibration import base_linear, find_constrained_modules
 
 # bfloat16 keeps 8 significant bits: rounding moves each entry by at most 2⁻⁸ of its size.
 BF16_UNIT_ROUNDOFF = 2.0**-8

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from unittest import mock
 
@@ -140,12 +140,12 @@ class TestProjectorFiles:
         trainer = build_trainer(tiny_model_dir, output_dir)
         # Someone recalibrates into the run's projectors_path while it trains.
         other = NullSpaceProjectors.load(output_dir)
-        other.calibration = {**other.calibration, "token_count": -1}
+        other.calibration = replace(other.calibration, token_count=-1)
         other.save(output_dir)
         with pytest.warns(UserWarning, match="changed since this run loaded it"):
             trainer.save_model(str(tmp_path / "final"))
         saved = NullSpaceProjectors.load(tmp_path / "final")
-        assert saved.calibration["token_count"] == trainer.projectors.calibration["token_count"] > 0
+        assert saved.calibration.token_count == trainer.projectors.calibration.token_count > 0
 
     def test_size_is_logged_when_the_file_is_written(self, tiny_model_dir, tmp_path, caplog):
         with caplog.at_level(logging.INFO, logger="trl_nspo"):
@@ -425,8 +425,8 @@ class TestBadCalibrationData:
                 peft_config=lora(),
             )
         counts = trainer.projectors.calibration
-        assert (counts["rows"], counts["empty_rows"], counts["truncated_rows"]) == (3, 1, 1)
-        assert counts["token_count"] == tokens
+        assert (counts.rows, counts.empty_rows, counts.truncated_rows) == (3, 1, 1)
+        assert counts.token_count == tokens
         assert "1 of 3 calibration rows were longer than calibration_max_length=12" in caplog.text
         assert NullSpaceProjectors.load(tmp_path / "out").calibration == counts
 

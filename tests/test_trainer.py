@@ -24,14 +24,8 @@ from trl_nspo import (
     NullSpaceProjectors,
     ProjectorFileError,
 )
-from trl_nspo.calibration import (
-    CalibrationSettings,
-    base_linear,
-    calibration_token_sequences,
-    find_constrained_modules,
-    layer_input_covariances,
-    pad_token_id,
-)
+from trl_nspo.calibration import base_linear, find_constrained_modules, layer_input_covariances
+from trl_nspo.calibration_data import CalibrationSettings, calibration_token_sequences, pad_token_id
 from trl_nspo.constraint import UnsupportedSetupError
 from trl_nspo.nspo_trainer import SMALL_KEPT_GRADIENT_FRACTION
 
@@ -433,7 +427,7 @@ class TestProjectorFiles:
             projectors_path=path,
             calibration_completion_length=16,
         )
-        assert trainer.projectors.calibration["completion_length"] == 8
+        assert trainer.projectors.calibration.completion_length == 8
 
     def test_rule_setting_the_rule_does_not_use_is_not_compared(self, tiny_model_dir, tmp_path):
         path = str(tmp_path / "p")

@@ -9,7 +9,8 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .calibration import CalibrationSettings, compute_projectors, find_constrained_modules
+    from .calibration import compute_projectors, find_constrained_modules
+    from .calibration_data import CalibrationSettings
     from .constraint import NullSpaceConstraint, UnsupportedSetupError
     from .nspo_config import NSPOConfig
     from .nspo_trainer import HubUnreachableError, NSPOTrainer
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 # Public name → the submodule defining it.
 _PUBLIC_NAMES = {
-    "CalibrationSettings": "calibration",
+    "CalibrationSettings": "calibration_data",
     "HubUnreachableError": "nspo_trainer",
     "NSPOConfig": "nspo_config",
     "NSPOTrainer": "nspo_trainer",

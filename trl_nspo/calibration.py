@@ -1,86 +1,44 @@
 """Calibration: the inputs each constrained linear layer sees on general-task data, turned into null-space projectors.
 
-This is the only module that knows about forward hooks, attention masks, chat templates, PEFT layer types and
-adapters-off forward passes. The steps follow PEFT's data-driven LoRA initialisations (EVA, CorDA): collect
-statistics with hooks (padding removed with the attention mask) → find layers that read the same input and compute
-their statistics once → eigendecompose → keep the smaller basis.
+This is the only module that knows about forward hooks, attention masks, PEFT layer types and adapters-off forward
+passes. The steps follow PEFT's data-driven LoRA initialisations (EVA, CorDA): collect statistics with hooks (padding
+removed with the attention mask) → find layers that read the same input and compute their statistics once → sum them
+across processes (accelerate's `reduce`) → eigendecompose → keep the smaller basis. The token sequences come from
+[`~calibration_data.calibration_token_sequences`], the file's fingerprints from [`~fingerprints`].
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import re
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
-import torch.distributed as dist
-from accelerate.utils import is_peft_model
+from accelerate import PartialState
+from accelerate.utils import is_peft_model, reduce
 from datasets import Dataset
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from .calibration_data import (
+    CalibrationSettings,
+    calibration_token_sequences,
+    eval_mode,
+    pad_token_id,
+    right_padded_batches,
+)
+from .fingerprints import model_fingerprint, projectors_calibration_record
 from .null_space import CovarianceAccumulator, NullSpaceBasis, NullSpaceError, NullSpaceRule, decompose_covariance
-from .projectors import ModelFingerprint, NullSpaceProjectors, ProjectorGroup
+from .projectors import NullSpaceProjectors, ProjectorGroup
 
 logger = logging.getLogger(__name__)
 
 _WRAPPER_PREFIXES = ("module.", "base_model.model.", "_orig_mod.")
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    """
-    What calibration data is fed to the model, and how.
-
-    Args:
-        num_samples (`int`, *optional*, defaults to `1024`):
-            Rows of the calibration dataset to use (the first ones).
-        max_length (`int`, *optional*, defaults to `256`):
-            Maximum tokens of each prompt (or conversation); longer ones are truncated, and counted.
-        generate_completions (`bool`, *optional*, defaults to `True`):
-            Append the base model's own greedy completion to every `prompt`, so the preserved behaviour includes
-            responses (as the paper does).
-        completion_length (`int`, *optional*, defaults to `128`):
-            Maximum tokens of each generated completion.
-        batch_size (`int`, *optional*, defaults to `8`):
-            Sequences per forward pass.
-        sketch_dim (`int`, *optional*, defaults to `64`):
-            Columns of the random sketch of each layer's inputs kept for the preservation metric; `0` disables it.
-        groups_per_pass (`int`, *optional*):
-            Covariances held in memory at once. Fewer means more forward passes over the data but less memory (a d×d
-            float64 matrix per group); `None` does everything in one pass.
-        seed (`int`, *optional*, defaults to `0`):
-            Seed of the sketch.
-    """
-
-    num_samples: int = 1024
-    max_length: int = 256
-    generate_completions: bool = True
-    completion_length: int = 128
-    batch_size: int = 8
-    sketch_dim: int = 64
-    groups_per_pass: int | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("num_samples", "max_length", "completion_length", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"Calibration setting `{name}` must be a positive integer, got {getattr(self, name)}."
-                )
-        if self.sketch_dim < 0:
-            raise ValueError(f"Calibration setting `sketch_dim` must be ≥ 0, got {self.sketch_dim}.")
-        if self.groups_per_pass is not None and self.groups_per_pass < 1:
-            raise ValueError(f"Calibration setting `groups_per_pass` must be ≥ 1 or None, got {self.groups_per_pass}.")
 
 
 def canonical_module_name(name: str) -> str:
@@ -184,55 +142,6 @@ def constrained_input_dim(module: nn.Module) -> int:
     return module.nx if isinstance(module, Conv1D) else module.in_features
 
 
-# Config fields that cannot change what a layer computes; everything else (rope, norms' eps, sizes…) is compared.
-_CONFIG_FIELDS_WITHOUT_EFFECT = {
-    "_name_or_path",
-    "_commit_hash",
-    "architectures",
-    "transformers_version",
-    "use_cache",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
-    # The weights' bytes carry their dtype; the config's copy differs with how the model was loaded.
-    "dtype",
-    "torch_dtype",
-    # Padding is masked out; GRPOTrainer copies the tokenizer's pad id into the config, `trl-nspo calibrate` does not.
-    "pad_token_id",
-}
-_HASH_BLOCK_ELEMENTS = 1 << 24
-
-
-def model_fingerprint(model: nn.Module) -> ModelFingerprint:
-    """
-    The config and a hash of every base parameter and buffer of `model` (PEFT adapters excluded), by canonical name,
-    so projectors from a PEFT-wrapped model match the plain model and any adapter on it.
-
-    Every byte of every base tensor is hashed (SHA-256, in 16M-element blocks to bound device memory): sampling values
-    would miss an edit to a few rows. The cost is O(model bytes), paid once per run start: about 1.7 GB/s on one CPU
-    core, i.e. ~10 s for a 7B model in bfloat16 (15 GB), plus the device-to-host copy.
-    """
-    adapter_tensors = _adapter_tensor_ids(model)
-    tensors = {}
-    named = [*model.named_parameters(remove_duplicate=True), *model.named_buffers(remove_duplicate=True)]
-    for name, tensor in named:
-        if id(tensor) in adapter_tensors:
-            continue
-        tensors[_base_tensor_name(name)] = _tensor_sha256(tensor)
-    config = getattr(model, "config", None)
-    config_values = {} if config is None else _config_with_effect(json.loads(config.to_json_string(use_diff=False)))
-    return ModelFingerprint(config=config_values, tensors=dict(sorted(tensors.items())))
-
-
-def _config_with_effect(values: dict[str, Any]) -> dict[str, Any]:
-    # Nested configs (a multimodal model's `text_config`) carry the same fields.
-    return {
-        key: _config_with_effect(value) if isinstance(value, dict) else value
-        for key, value in values.items()
-        if key not in _CONFIG_FIELDS_WITHOUT_EFFECT
-    }
-
-
 def _adapter_tensor_ids(model: nn.Module) -> set[int]:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
@@ -247,70 +156,6 @@ def _adapter_tensor_ids(model: nn.Module) -> set[int]:
         elif isinstance(module, ModulesToSaveWrapper):
             ids.update(id(tensor) for tensor in module.modules_to_save.parameters())
     return ids
-
-
-def _base_tensor_name(name: str) -> str:
-    # PEFT keeps the wrapped layer as `…q_proj.base_layer` (LoRA) or `….original_module` (modules_to_save).
-    parts = canonical_module_name(name).split(".")
-    return ".".join(part for part in parts if part not in ("base_layer", "original_module"))
-
-
-def _tensor_sha256(tensor: torch.Tensor) -> str:
-    tensor = tensor.detach()
-    digest = hashlib.sha256(f"{tuple(tensor.shape)}:{tensor.dtype};".encode())
-    flat = tensor.reshape(-1)
-    for start in range(0, flat.numel(), _HASH_BLOCK_ELEMENTS):
-        block = flat[start : start + _HASH_BLOCK_ELEMENTS].contiguous().cpu()
-        digest.update(block.view(torch.uint8).numpy())  # the buffer itself: no copy to bytes
-    return digest.hexdigest()[:16]
-
-
-def tokens_fingerprint(sequences: Sequence[Sequence[int]]) -> str:
-    digest = hashlib.sha256()
-    for sequence in sequences:
-        digest.update(torch.tensor(sequence, dtype=torch.int64).numpy().tobytes())
-        digest.update(b"|")
-    return digest.hexdigest()
-
-
-def calibration_record(
-    model: nn.Module, processing_class, dataset: Dataset, settings: CalibrationSettings
-) -> dict[str, Any]:
-    """
-    What reaches the layers in calibration, given the model: the settings that shape the sequences, and fingerprints
-    of the dataset rows used, of the chat template, of the prompts' token ids and, with completions, of what steers
-    greedy decoding (generation config, stop tokens). Cheap (tokenization only, no generation), so a saved projector
-    file can be checked against the data a run is given.
-    """
-    tokenizer = _tokenizer_of(processing_class)
-    rows = dataset.select(range(min(settings.num_samples, len(dataset))))
-    rows_digest = hashlib.sha256()
-    for row in rows:
-        rows_digest.update(json.dumps(row, sort_keys=True, default=str).encode())
-    prompts, _, _ = calibration_prompts(processing_class, dataset, settings)
-    template = json.dumps(getattr(tokenizer, "chat_template", None), sort_keys=True)
-    record = {
-        "num_samples": settings.num_samples,
-        "max_length": settings.max_length,
-        "generate_completions": settings.generate_completions,
-        "completion_length": settings.completion_length,
-        "rows_fingerprint": rows_digest.hexdigest()[:16],
-        "chat_template_fingerprint": hashlib.sha256(template.encode()).hexdigest()[:16],
-        "prompt_fingerprint": hashlib.sha256(tokens_fingerprint(prompts).encode()).hexdigest()[:16],
-    }
-    if settings.generate_completions:
-        # Greedy decoding also follows the generation config (repetition penalty, suppressed tokens…) and stops at
-        # its EOS ids; the pad id only fills masked positions (and GRPOTrainer rewrites it).
-        generation = {
-            key: value
-            for key, value in model.generation_config.to_diff_dict().items()
-            if key not in ("pad_token_id", "transformers_version", "_from_model_config")
-        }
-        generation["stop_token_ids"] = sorted(stop_token_ids(model, tokenizer))
-        record["completion_fingerprint"] = hashlib.sha256(
-            json.dumps(generation, sort_keys=True, default=str).encode()
-        ).hexdigest()[:16]
-    return record
 
 
 @contextlib.contextmanager
@@ -335,166 +180,6 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
         return
     with requires_grad_kept(model), model.disable_adapter():
         yield
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _tokenizer_of(processing_class) -> PreTrainedTokenizerBase:
-    return getattr(processing_class, "tokenizer", processing_class)
-
-
-def calibration_prompts(
-    processing_class, dataset: Dataset, settings: CalibrationSettings
-) -> tuple[list[list[int]], dict[str, int], str]:
-    """
-    Token ids of every calibration prompt (or conversation, or text), chat template applied and truncated to
-    `settings.max_length`; empty ones dropped.
-
-    Returns:
-        `tuple[list[list[int]], dict[str, int], str]`: the sequences, counts (rows, truncated rows, empty rows) and
-        the column they came from.
-    """
-    tokenizer = _tokenizer_of(processing_class)
-    if len(dataset) == 0:
-        raise NullSpaceError("The calibration dataset is empty; pass general-task prompts (`calibration_dataset`).")
-    rows = dataset.select(range(min(settings.num_samples, len(dataset))))
-    column = next((c for c in ("prompt", "messages", "text") if c in rows.column_names), None)
-    if column is None:
-        raise NullSpaceError(
-            f"The calibration dataset has columns {rows.column_names}; NSPO needs one of 'prompt' (text or chat "
-            "messages), 'messages' (conversations) or 'text'. Rename a column or use `trl_nspo.data`."
-        )
-    texts = []
-    for value in rows[column]:
-        if isinstance(value, str):
-            texts.append((value, True))
-        else:
-            # Chat templates add their own special tokens, so the rendered text must not get them twice.
-            rendered = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=column == "prompt")
-            texts.append((rendered, False))
-    sequences = []
-    truncated = 0
-    for text, add_special_tokens in texts:
-        ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-        if len(ids) > settings.max_length:
-            truncated += 1
-            ids = ids[: settings.max_length]
-        sequences.append(ids)
-    empty = sum(1 for ids in sequences if not ids)
-    sequences = [ids for ids in sequences if ids]
-    if not sequences:
-        raise NullSpaceError("Every calibration row tokenized to nothing; check the dataset's text column.")
-    return sequences, {"rows": len(texts), "truncated_rows": truncated, "empty_rows": empty}, column
-
-
-def calibration_token_sequences(
-    model: nn.Module,
-    processing_class,
-    dataset: Dataset,
-    settings: CalibrationSettings,
-    show_progress: bool = True,
-) -> tuple[list[list[int]], dict[str, int]]:
-    """
-    Token ids of every calibration sequence: prompts (optionally followed by the model's greedy completion), or
-    whole conversations.
-
-    Accepts the dataset formats TRL does: `prompt` (text, or a list of chat messages), `messages` (full
-    conversations) or `text`.
-
-    Returns:
-        `tuple[list[list[int]], dict[str, int]]`: the sequences, and counts (rows, truncated rows, generated tokens).
-    """
-    tokenizer = _tokenizer_of(processing_class)
-    sequences, counts, column = calibration_prompts(processing_class, dataset, settings)
-    generated_tokens = 0
-    if settings.generate_completions and column == "prompt":
-        with adapters_disabled(model):
-            completions = greedy_completions(
-                model,
-                tokenizer,
-                sequences,
-                settings.completion_length,
-                settings.batch_size,
-                "NSPO calibration: greedy completions" if show_progress else None,
-            )
-        sequences = [prompt + completion for prompt, completion in zip(sequences, completions, strict=True)]
-        generated_tokens = sum(len(completion) for completion in completions)
-    if counts["truncated_rows"]:
-        logger.warning(
-            "%d of %d calibration rows were longer than calibration_max_length=%d tokens and were truncated.",
-            counts["truncated_rows"],
-            counts["rows"],
-            settings.max_length,
-        )
-    return sequences, {**counts, "generated_tokens": generated_tokens}
-
-
-def stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """The tokens that end a greedy calibration completion: the generation config's and the tokenizer's EOS."""
-    eos_ids = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else []
-    return set([eos_ids] if isinstance(eos_ids, int) else eos_ids) | {tokenizer.eos_token_id}
-
-
-@torch.no_grad()
-def greedy_completions(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    batch_size: int,
-    description: str | None = None,
-) -> list[list[int]]:
-    """
-    Token ids of `model`'s greedy completion of each prompt (ids), up to and including the first end-of-sequence
-    token. Runs in eval mode with the model's current adapter state; a progress bar is shown if `description` is set.
-    """
-    device = next(model.parameters()).device
-    pad_id = pad_token_id(tokenizer)
-    eos_ids = stop_token_ids(model, tokenizer)
-    completions = []
-    batches = range(0, len(prompts), batch_size)
-    with eval_mode(model):
-        for start in tqdm(batches, desc=description, disable=description is None):
-            batch = prompts[start : start + batch_size]
-            width = max(len(ids) for ids in batch)
-            # Left padding, so every completion starts right after its prompt.
-            input_ids = torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in batch], device=device)
-            attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-            )
-            for row in output[:, width:].tolist():
-                completion = []
-                for token in row:
-                    completion.append(token)
-                    if token in eos_ids:
-                        break
-                completions.append(completion)
-    return completions
-
-
-def right_padded_batches(
-    sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    # Right padding: under causal attention, pads after a sequence cannot change its real tokens' activations.
-    for start in range(0, len(sequences), batch_size):
-        batch = sequences[start : start + batch_size]
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.tensor([list(ids) + [pad_id] * (width - len(ids)) for ids in batch], device=device)
-        attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=device)
-        yield input_ids, attention_mask
 
 
 def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -534,11 +219,6 @@ def _shared_input_groups(
     return groups
 
 
-def _all_reduce_sum(tensor: torch.Tensor) -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-
-
 @torch.no_grad()
 def _accumulate_covariances(
     model: nn.Module,
@@ -551,6 +231,8 @@ def _accumulate_covariances(
     description: str,
 ) -> dict[str, CovarianceAccumulator]:
     device = next(model.parameters()).device
+    # Each process sketches with its own seed: the summed sketch then has independent columns on every token.
+    state = PartialState()
     accumulators: dict[str, CovarianceAccumulator] = {}
     current_mask: list[torch.Tensor] = []
 
@@ -565,7 +247,7 @@ def _accumulate_covariances(
                 )
             if name not in accumulators:
                 accumulators[name] = CovarianceAccumulator(
-                    inputs.shape[-1], settings.sketch_dim, device=device, seed=settings.seed + _rank()
+                    inputs.shape[-1], settings.sketch_dim, device=device, seed=settings.seed + state.process_index
                 )
             accumulators[name].update(real_tokens)
 
@@ -582,20 +264,11 @@ def _accumulate_covariances(
         for handle in handles:
             handle.remove()
     for accumulator in accumulators.values():
-        _all_reduce_sum(accumulator.sum)
-        _all_reduce_sum(accumulator.sketch)
-        token_count = torch.tensor(accumulator.token_count, device=device)
-        _all_reduce_sum(token_count)
+        accumulator.sum = reduce(accumulator.sum, reduction="sum")
+        accumulator.sketch = reduce(accumulator.sketch, reduction="sum")
+        token_count = reduce(torch.tensor(accumulator.token_count, device=device), reduction="sum")
         accumulator.token_count = int(token_count.item())
     return accumulators
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def layer_input_covariances(
@@ -619,7 +292,7 @@ def layer_input_covariances(
         modules (`dict[str, nn.Module]`):
             The modules whose inputs to collect (see [`find_constrained_modules`]).
         sequences (`Sequence[Sequence[int]]`):
-            Token ids of this rank's sequences (see [`calibration_token_sequences`]).
+            Token ids of this rank's sequences (see [`~calibration_data.calibration_token_sequences`]).
         pad_id (`int`):
             Token id used for (right) padding; padded positions are masked out.
         settings ([`CalibrationSettings`]):
@@ -660,8 +333,9 @@ def compute_projectors(
     """
     Calibrates a model on general-task data and returns the null-space projectors of its constrained layers.
 
-    Under `torch.distributed`, each rank calibrates on its share of the rows, the covariances are summed across
-    ranks, and every rank decomposes the same summed covariance, so the projectors are identical everywhere.
+    With several processes (as accelerate's `PartialState` sees them), each calibrates on its share of the rows, the
+    covariances are summed across processes, and every process decomposes the same summed covariance, so the
+    projectors are identical everywhere.
 
     Args:
         model (`nn.Module`):
@@ -685,15 +359,16 @@ def compute_projectors(
     """
     settings = settings or CalibrationSettings()
     rule = rule or NullSpaceRule()
-    show_progress = show_progress and _rank() == 0
+    state = PartialState()
+    show_progress = show_progress and state.is_main_process
     modules = find_constrained_modules(model, target_modules)
     fingerprint = model_fingerprint(model)
     sequences, counts = calibration_token_sequences(model, processing_class, dataset, settings, show_progress)
-    local_sequences = sequences[_rank() :: _world_size()]
+    local_sequences = sequences[state.process_index :: state.num_processes]
     if not local_sequences:
         raise NullSpaceError(
-            f"{len(sequences)} calibration sequences cannot be shared among {_world_size()} processes; pass at least "
-            "one row per process."
+            f"{len(sequences)} calibration sequences cannot be shared among {state.num_processes} processes; pass "
+            "at least one row per process."
         )
     groups: dict[str, ProjectorGroup] = {}
     pad_id = pad_token_id(processing_class)
@@ -713,21 +388,10 @@ def compute_projectors(
         groups=groups,
         rule=rule,
         model_fingerprint=fingerprint,
-        calibration={
-            **asdict(settings),
-            **counts,
-            "token_count": sum(len(ids) for ids in sequences),
-            "data_fingerprint": tokens_fingerprint(sequences),
-            **calibration_record(model, processing_class, dataset, settings),
-        },
+        calibration=projectors_calibration_record(model, processing_class, dataset, settings, sequences, counts),
     )
     _warn_about_thin_calibration(projectors)
     return projectors
-
-
-def pad_token_id(processing_class) -> int:
-    tokenizer = _tokenizer_of(processing_class)
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _warn_about_thin_calibration(projectors: NullSpaceProjectors) -> None:

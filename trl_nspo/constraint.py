@@ -164,7 +164,7 @@ class NullSpaceConstraint:
         model (`nn.Module`):
             The (PEFT-wrapped) model, after wrapping.
         projectors ([`NullSpaceProjectors`]):
-            Projectors that match the model (see [`NullSpaceProjectors.check_matches`]).
+            Projectors that match the model (see [`NullSpaceProjectors.validated_for_run`]).
         target_modules (`str` or `list[str]`, *optional*):
             The constrained modules, as given to calibration.
         autocast_dtype (`torch.dtype`, *optional*):

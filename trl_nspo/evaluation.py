@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer
 
-from .calibration import adapters_disabled, eval_mode, greedy_completions, pad_token_id, right_padded_batches
+from .calibration import adapters_disabled
+from .calibration_data import eval_mode, greedy_completions, pad_token_id, right_padded_batches
 from .rewards import refusal_score
 
 Conversation = list[dict[str, str]]

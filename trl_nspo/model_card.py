@@ -76,13 +76,6 @@ def render_model_card(
         datasets=[dataset_name] if dataset_name and "/" in dataset_name else None,
         pipeline_tag="text-generation",
     )
-    rule = projectors.rule
-    if rule.rule == "relative":
-        rule_description = f"eigenvalues below {rule.alpha:g} × the largest"
-    else:
-        rule_description = f"smallest eigen-directions holding ≤ {rule.energy:g} of the input energy"
-    if rule.max_null_dim is not None:
-        rule_description += f", at most {rule.max_null_dim} dimensions"
     null_space_rows = [
         {"module": name, "null_dim": null_dim, "input_dim": input_dim}
         for name, (null_dim, input_dim) in projectors.null_dims().items()
@@ -102,9 +95,9 @@ def render_model_card(
         reward_names=", ".join(reward_names) if reward_names else "not recorded",
         training_steps=training_steps,
         calibration_description=calibration_description,
-        calibration_tokens=f"{projectors.calibration.get('token_count', 0):,}",
-        generate_completions=projectors.calibration.get("generate_completions", False),
-        rule_description=rule_description,
+        calibration_tokens=f"{projectors.calibration.token_count or 0:,}",
+        generate_completions=bool(projectors.calibration.generate_completions),
+        rule_description=projectors.rule.description(),
         constrained_count=len(null_space_rows),
         projectors_file_size=None if projectors_file is None else file_megabytes(projectors_file),
         null_space_rows=null_space_rows,

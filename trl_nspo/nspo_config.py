@@ -2,8 +2,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from .calibration import CalibrationSettings
-from .null_space import NullSpaceRule
+from .calibration_data import CalibrationSettings
+from .null_space import NULL_SPACE_RULES, NullSpaceRule
 from .precision import accelerator_available, bf16_supported
 
 
@@ -108,7 +108,7 @@ class NSPOConfig(GRPOConfig):
         metadata={
             "help": "How to select each null space: 'energy' (smallest directions holding ≤ energy of the total) or "
             "'relative' (eigenvalue < alpha × largest, the original NSPO code's rule).",
-            "choices": ["energy", "relative"],
+            "choices": list(NULL_SPACE_RULES),
         },
     )
     null_space_alpha: float = field(

@@ -14,15 +14,9 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 from trl import GRPOConfig, GRPOTrainer
 
-from .calibration import (
-    calibration_record,
-    compute_projectors,
-    constrained_input_dim,
-    find_constrained_modules,
-    model_fingerprint,
-    requires_grad_kept,
-)
+from .calibration import compute_projectors, constrained_input_dim, find_constrained_modules, requires_grad_kept
 from .constraint import NullSpaceConstraint, UnsupportedSetupError, check_peft_config, check_peft_model
+from .fingerprints import calibration_record, model_fingerprint
 from .model_card import render_model_card
 from .nspo_config import NSPOConfig
 from .null_space import NullSpaceError
@@ -124,7 +118,8 @@ class NSPOTrainer(GRPOTrainer):
             messages = check_peft_model(model, args.allow_unconstrained_parameters)
         for message in messages:
             warnings.warn(message, stacklevel=2)
-        if calibration_dataset is None and existing_projectors_file(args.projectors_path or args.output_dir) is None:
+        location = args.projectors_path or args.output_dir
+        if calibration_dataset is None and existing_projectors_file(location) is None:
             raise ValueError(
                 "NSPOTrainer needs general-task data to preserve: pass `calibration_dataset=` (a Dataset with a "
                 "'prompt', 'messages' or 'text' column), or set `projectors_path` to a saved projector file."
@@ -136,7 +131,6 @@ class NSPOTrainer(GRPOTrainer):
             raise UnsupportedSetupError(_ENGINE_MESSAGE)
         # Hashed once per run (O(model bytes)), when a projector file has to be checked against this model.
         self._model_fingerprint: ModelFingerprint | None = None
-        location = args.projectors_path or args.output_dir
         self.projectors_file = existing_projectors_file(location)
         if self.projectors_file is not None:
             self.projectors = self._validated(
@@ -227,23 +221,25 @@ class NSPOTrainer(GRPOTrainer):
         self, projectors: NullSpaceProjectors, source: str, calibration_dataset: Dataset | None = None
     ) -> NullSpaceProjectors:
         """
-        The part of `projectors` this run constrains; raises unless they belong to this model (config and every base
-        weight), cover these constrained modules, were selected with this run's null-space rule and, when
-        `calibration_dataset` is given, were calibrated on it with this run's settings. Without calibration data the
-        file's own record of its data stands: a file given on purpose is used as it was made.
+        The part of `projectors` this run constrains, once [`NullSpaceProjectors.validated_for_run`] has shown they
+        belong to this model, modules, rule and, when `calibration_dataset` is given, calibration. Without calibration
+        data the file's own record of its data stands: a file given on purpose is used as it was made.
         """
         modules = find_constrained_modules(self.model, self.args.nspo_target_modules)
-        input_dims = {name: constrained_input_dim(module) for name, module in modules.items()}
         if self._model_fingerprint is None:
             self._model_fingerprint = model_fingerprint(self.model)
-        projectors.check_matches(input_dims, self._model_fingerprint, source)
-        projectors.check_rule(self.args.null_space_rule_config(), source)
+        expected = None
         if calibration_dataset is not None:
             expected = calibration_record(
                 self.model, self.processing_class, calibration_dataset, self.args.calibration_settings()
             )
-            projectors.check_calibration(expected, source)
-        return projectors.restricted_to(list(modules))
+        return projectors.validated_for_run(
+            {name: constrained_input_dim(module) for name, module in modules.items()},
+            self._model_fingerprint,
+            self.args.null_space_rule_config(),
+            expected,
+            source,
+        )
 
     def _check_unconstrained_parameters(self) -> None:
         unconstrained = self.constraint.unconstrained_trainable_parameters(self.model)
@@ -340,22 +336,22 @@ class NSPOTrainer(GRPOTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # A checkpoint is only a valid resume point for the null spaces it was trained in.
         reference = read_projectors_reference(resume_from_checkpoint)
-        checkpoint_file = existing_projectors_file(resume_from_checkpoint)
+        checkpoint_file = projectors_file_path(resume_from_checkpoint)
         if reference is not None:
-            if reference["sha256"] != self._projectors_sha256:
+            if reference.sha256 != self._projectors_sha256:
                 raise ProjectorFileError(
-                    f"Checkpoint {resume_from_checkpoint} was trained with the projector file {reference['path']} "
-                    f"(SHA-256 {reference['sha256'][:12]}…), but this run uses {self.projectors_file} (SHA-256 "
+                    f"Checkpoint {resume_from_checkpoint} was trained with the projector file {reference.path} "
+                    f"(SHA-256 {reference.sha256[:12]}…), but this run uses {self.projectors_file} (SHA-256 "
                     f"{self._projectors_sha256[:12]}…): other null spaces or another calibration. Resume with "
                     "`projectors_path` set to the checkpoint's projector file."
                 )
-        elif checkpoint_file is not None:
+        elif checkpoint_file.is_file():
             # A checkpoint holding its own copy (written by trl-nspo before checkpoints referenced the run's file).
             saved = self._validated(NullSpaceProjectors.load(checkpoint_file), str(checkpoint_file))
             if not saved.same_bases(self.projectors):
                 raise ProjectorFileError(
                     f"Checkpoint {resume_from_checkpoint} was trained with other null spaces than this run computed "
-                    f"(calibration tokens {saved.calibration.get('data_fingerprint', '?')[:12]}…). Resume with the "
+                    f"(calibration tokens {(saved.calibration.data_fingerprint or '?')[:12]}…). Resume with the "
                     "run's original calibration data and settings, or set `projectors_path` to the checkpoint."
                 )
         else:

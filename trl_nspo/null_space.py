@@ -11,30 +11,117 @@ basis U or its complement R, whichever is smaller) and the row projection x ↦ 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
-
-NullSpaceRuleName = Literal["relative", "energy"]
 
 
 class NullSpaceError(ValueError):
     """Raised when a null space cannot be computed or would not preserve anything."""
 
 
+# A selection: (non-negative ascending eigenvalues, threshold) → number of smallest eigen-directions in the null space.
+NullDimension = Callable[[torch.Tensor, float], int]
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """
+    One way of choosing the null space from a covariance's eigenvalues, registered by name in [`NULL_SPACE_RULES`].
+    A new rule is one function here, decorated with [`register_null_space_rule`] (plus a `NullSpaceRule` and
+    `NSPOConfig` field if its threshold is a new one).
+
+    Args:
+        name (`str`):
+            What `NullSpaceRule(rule=...)`, `NSPOConfig.null_space_rule` and the CLI call it.
+        parameter (`str`):
+            The [`NullSpaceRule`] field holding its threshold, in (0, 1).
+        symbol (`str`):
+            How labels write the threshold (`α`, `ε`).
+        null_dimension (`Callable[[torch.Tensor, float], int]`):
+            The number of smallest eigen-directions in the null space, from non-negative ascending eigenvalues (the
+            largest positive) and the threshold.
+        description (`str`):
+            What the rule keeps, in words, with `{threshold}` where the threshold goes (for the model card).
+        typical_values (`str`):
+            Advice the error for a threshold out of range ends with.
+    """
+
+    name: str
+    parameter: str
+    symbol: str
+    null_dimension: NullDimension
+    description: str
+    typical_values: str
+
+    def check(self, threshold: float) -> None:
+        """Raises [`NullSpaceError`] unless `threshold` is in (0, 1) (NaN is not)."""
+        if not 0.0 < threshold < 1.0:
+            raise NullSpaceError(f"{self.parameter} must be in (0, 1), got {threshold}. {self.typical_values}")
+
+    def describe(self, threshold: float) -> str:
+        """What the rule keeps, in words: `"eigenvalues below 5e-05 × the largest"`."""
+        return self.description.format(threshold=threshold)
+
+    def label(self, threshold: float) -> str:
+        """A short name of the rule with its threshold, for tables and plots: `"relative α=5e-05"`."""
+        return f"{self.name} {self.symbol}={threshold:.0e}"
+
+
+NULL_SPACE_RULES: dict[str, SelectionRule] = {}
+
+
+def register_null_space_rule(
+    name: str, parameter: str, symbol: str, description: str, typical_values: str
+) -> Callable[[NullDimension], NullDimension]:
+    """
+    Registers the decorated function `(eigenvalues, threshold) -> null dimension` as the [`SelectionRule`] `name`,
+    which `NullSpaceRule(rule=...)`, `NSPOConfig.null_space_rule` and the CLI then accept. The other arguments are
+    those of [`SelectionRule`].
+    """
+
+    def register(null_dimension: NullDimension) -> NullDimension:
+        NULL_SPACE_RULES[name] = SelectionRule(name, parameter, symbol, null_dimension, description, typical_values)
+        return null_dimension
+
+    return register
+
+
+@register_null_space_rule(
+    "relative", "alpha", "α", "eigenvalues below {threshold:g} × the largest", "The original NSPO code uses 5e-5."
+)
+def _directions_below_relative_threshold(eigenvalues: torch.Tensor, alpha: float) -> int:
+    """Every eigen-direction with eigenvalue < α · the largest (the original NSPO code, α = 5e-5)."""
+    return int((eigenvalues < alpha * eigenvalues[-1]).sum().item())
+
+
+@register_null_space_rule(
+    "energy",
+    "energy",
+    "ε",
+    "smallest eigen-directions holding ≤ {threshold:g} of the input energy",
+    "Typical values are 1e-5 to 1e-3.",
+)
+def _directions_within_energy_fraction(eigenvalues: torch.Tensor, energy: float) -> int:
+    """The largest set of smallest eigen-directions whose eigenvalues sum to at most ε of the total."""
+    cumulative = torch.cumsum(eigenvalues, dim=0)
+    return int((cumulative <= energy * cumulative[-1]).sum().item())
+
+
 @dataclass(frozen=True)
 class NullSpaceRule:
     """
-    How to pick the null space from the eigenvalues of an input covariance.
+    How to pick the null space from the eigenvalues of an input covariance: a registered [`SelectionRule`], the
+    thresholds, and a cap. Every threshold is checked whichever rule is used: a bad value is a mistake either way.
 
     Args:
         rule (`str`, *optional*, defaults to `"relative"`):
-            `"relative"`: every eigen-direction with eigenvalue < `alpha` · largest eigenvalue (the original NSPO
-            code, α = 5e-5). `"energy"`: the largest set of smallest eigen-directions whose eigenvalues sum to at most
-            `energy` of the total.
+            Name of a rule in [`NULL_SPACE_RULES`]. `"relative"`: every eigen-direction with eigenvalue < `alpha` ·
+            largest eigenvalue (the original NSPO code, α = 5e-5). `"energy"`: the largest set of smallest
+            eigen-directions whose eigenvalues sum to at most `energy` of the total.
         alpha (`float`, *optional*, defaults to `5e-5`):
             Relative eigenvalue threshold of the `"relative"` rule, in (0, 1).
         energy (`float`, *optional*, defaults to `1e-4`):
@@ -43,32 +130,55 @@ class NullSpaceRule:
             Upper bound on the null dimension; the smallest eigen-directions are kept.
     """
 
-    rule: NullSpaceRuleName = "relative"
+    rule: str = "relative"
     alpha: float = 5e-5
     energy: float = 1e-4
     max_null_dim: int | None = None
 
     def __post_init__(self) -> None:
-        if self.rule not in ("relative", "energy"):
-            raise NullSpaceError(f"Unknown null-space rule {self.rule!r}; use 'relative' or 'energy'.")
-        if not 0.0 < self.alpha < 1.0:
-            raise NullSpaceError(f"alpha must be in (0, 1), got {self.alpha}. The original NSPO code uses 5e-5.")
-        if not 0.0 < self.energy < 1.0:
-            raise NullSpaceError(f"energy must be in (0, 1), got {self.energy}. Typical values are 1e-5 to 1e-3.")
+        if self.rule not in NULL_SPACE_RULES:
+            raise NullSpaceError(
+                f"Unknown null-space rule {self.rule!r}; use one of {', '.join(map(repr, NULL_SPACE_RULES))}."
+            )
+        for selection in NULL_SPACE_RULES.values():
+            selection.check(getattr(self, selection.parameter))
         if self.max_null_dim is not None and self.max_null_dim < 1:
             raise NullSpaceError(f"max_null_dim must be a positive integer or None, got {self.max_null_dim}.")
+
+    @property
+    def selection(self) -> SelectionRule:
+        return NULL_SPACE_RULES[self.rule]
+
+    @property
+    def threshold(self) -> float:
+        """The value of the one threshold this rule reads (`alpha` or `energy`)."""
+        return getattr(self, self.selection.parameter)
+
+    def parameters(self) -> dict[str, Any]:
+        """The settings this rule selects with: its name, its threshold and the cap (the others play no part)."""
+        return {"rule": self.rule, self.selection.parameter: self.threshold, "max_null_dim": self.max_null_dim}
+
+    def description(self) -> str:
+        """What the rule keeps, in words (model card): `"eigenvalues below 5e-05 × the largest, at most 128
+        dimensions"`."""
+        described = self.selection.describe(self.threshold)
+        return described if self.max_null_dim is None else f"{described}, at most {self.max_null_dim} dimensions"
+
+    def label(self) -> str:
+        """A short name for tables and plots: `"relative α=1e-04"`, or `"energy ε=1e-03, max 64"` with a cap."""
+        label = self.selection.label(self.threshold)
+        return label if self.max_null_dim is None else f"{label}, max {self.max_null_dim}"
 
     def selection_differences(self, other: NullSpaceRule) -> list[tuple[str, Any, Any]]:
         """
         The settings in which `other` selects differently from this rule, as `(field, this value, other value)`;
         empty when both select the same null spaces from any eigenvalues (a field neither rule uses may differ).
         """
-        used = {"rule", "max_null_dim", "alpha" if self.rule == "relative" else "energy"}
-        used.add("alpha" if other.rule == "relative" else "energy")
+        used = self.parameters().keys() | other.parameters().keys()
         return [
-            (name, getattr(self, name), getattr(other, name))
-            for name in ("rule", "alpha", "energy", "max_null_dim")
-            if name in used and getattr(self, name) != getattr(other, name)
+            (setting.name, getattr(self, setting.name), getattr(other, setting.name))
+            for setting in fields(self)
+            if setting.name in used and getattr(self, setting.name) != getattr(other, setting.name)
         ]
 
     def null_dimension(self, eigenvalues: torch.Tensor) -> int:
@@ -83,14 +193,9 @@ class NullSpaceRule:
             `int`: the null dimension k; the null basis is the first k eigenvectors.
         """
         eigenvalues = eigenvalues.clamp(min=0.0)
-        largest = eigenvalues[-1].item()
-        if largest <= 0.0:
+        if eigenvalues[-1].item() <= 0.0:
             raise NullSpaceError("The covariance is zero: the layer saw no calibration input (or only zeros).")
-        if self.rule == "relative":
-            null_dim = int((eigenvalues < self.alpha * largest).sum().item())
-        else:
-            cumulative = torch.cumsum(eigenvalues, dim=0)
-            null_dim = int((cumulative <= self.energy * cumulative[-1]).sum().item())
+        null_dim = self.selection.null_dimension(eigenvalues, self.threshold)
         if self.max_null_dim is not None:
             null_dim = min(null_dim, self.max_null_dim)
         return null_dim

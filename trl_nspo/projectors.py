@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +35,81 @@ PROJECTORS_FILE_NAME = "nspo_projectors.safetensors"
 PROJECTORS_REFERENCE_NAME = "nspo_projectors.json"
 _METADATA_KEY = "nspo"
 
-# What each recorded calibration field is called in `NSPOConfig` / on the command line, in the order they are checked.
-_CALIBRATION_FIELDS = {
-    "num_samples": "calibration_num_samples",
-    "max_length": "calibration_max_length",
-    "generate_completions": "calibration_generate_completions",
-    "completion_length": "calibration_completion_length",
-    "rows_fingerprint": "calibration dataset rows (fingerprint)",
-    "chat_template_fingerprint": "tokenizer chat template (fingerprint)",
-    "prompt_fingerprint": "calibration prompt tokens (fingerprint)",
-    "completion_fingerprint": "generation config and stop tokens of the calibration completions (fingerprint)",
-}
+
+def _checked_as(label: str) -> dict[str, str]:
+    # A calibration field compared with this run's before a file is used, named as `NSPOConfig` / the CLI names it.
+    return {"checked_as": label}
+
+
+@dataclass
+class CalibrationRecord:
+    """
+    What the projectors of a file were calibrated on, as its `calibration` metadata records it: the settings, the
+    counts, and fingerprints of what reached the layers. `None` means not recorded (files of format version 1, or a
+    record of only what a run can check cheaply, from [`~fingerprints.calibration_record`]).
+
+    The fields with a `checked_as` label are compared with this run's, in this order, by
+    [`NullSpaceProjectors.validated_for_run`]; together with the model's fingerprint they decide what reaches the
+    layers. The others (batch size, sketch, counts) are statistics of the run that made the file.
+    """
+
+    num_samples: int | None = field(default=None, metadata=_checked_as("calibration_num_samples"))
+    max_length: int | None = field(default=None, metadata=_checked_as("calibration_max_length"))
+    generate_completions: bool | None = field(default=None, metadata=_checked_as("calibration_generate_completions"))
+    completion_length: int | None = field(default=None, metadata=_checked_as("calibration_completion_length"))
+    batch_size: int | None = None
+    sketch_dim: int | None = None
+    groups_per_pass: int | None = None
+    seed: int | None = None
+    rows: int | None = None
+    truncated_rows: int | None = None
+    empty_rows: int | None = None
+    generated_tokens: int | None = None
+    token_count: int | None = None
+    # SHA-256 of every calibration sequence's tokens (prompts and completions): identical files have the same one.
+    data_fingerprint: str | None = None
+    rows_fingerprint: str | None = field(default=None, metadata=_checked_as("calibration dataset rows (fingerprint)"))
+    chat_template_fingerprint: str | None = field(
+        default=None, metadata=_checked_as("tokenizer chat template (fingerprint)")
+    )
+    prompt_fingerprint: str | None = field(
+        default=None, metadata=_checked_as("calibration prompt tokens (fingerprint)")
+    )
+    completion_fingerprint: str | None = field(
+        default=None,
+        metadata=_checked_as("generation config and stop tokens of the calibration completions (fingerprint)"),
+    )
+
+    def to_metadata(self) -> dict[str, Any]:
+        """The file's `calibration` JSON object. As format 2 has always written it: every field, except the
+        completion fingerprint of a calibration without completions."""
+        metadata = asdict(self)
+        if self.completion_fingerprint is None:
+            del metadata["completion_fingerprint"]
+        return metadata
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any]) -> CalibrationRecord:
+        """Reads a file's `calibration` object: keys this version does not know are ignored, missing ones `None`."""
+        return cls(**{setting.name: metadata.get(setting.name) for setting in fields(cls)})
+
+    def differences(self, expected: CalibrationRecord) -> list[str]:
+        """
+        The checked fields `expected` records and this record holds otherwise, each as `"label: value in the file,
+        value in this run"`; the completion length and fingerprint only when either side generated completions.
+        """
+        uses_completions = expected.generate_completions or self.generate_completions
+        found = []
+        for setting in fields(self):
+            label = setting.metadata.get("checked_as")
+            recorded, wanted = getattr(self, setting.name), getattr(expected, setting.name)
+            if label is None or wanted is None or recorded == wanted:
+                continue
+            if setting.name in ("completion_length", "completion_fingerprint") and not uses_completions:
+                continue
+            shown = "(not recorded)" if recorded is None else repr(recorded)
+            found.append(f"{label}: {shown} in the file, {wanted!r} in this run")
+        return found
 
 
 @dataclass
@@ -125,14 +189,14 @@ class NullSpaceProjectors:
             The rule that selected the null spaces.
         model_fingerprint ([`ModelFingerprint`], *optional*):
             The calibrated model's config and base weights; `None` only in files of format version 1.
-        calibration (`dict[str, Any]`):
+        calibration ([`CalibrationRecord`], *optional*):
             Calibration settings, statistics and fingerprints (rows, chat template, prompt tokens, all tokens).
     """
 
     groups: dict[str, ProjectorGroup]
     rule: NullSpaceRule
     model_fingerprint: ModelFingerprint | None
-    calibration: dict[str, Any] = field(default_factory=dict)
+    calibration: CalibrationRecord = field(default_factory=CalibrationRecord)
 
     def basis_by_module(self) -> dict[str, NullSpaceBasis]:
         return {name: group.basis for group in self.groups.values() for name in group.module_names}
@@ -168,7 +232,7 @@ class NullSpaceProjectors:
             "format_version": PROJECTOR_FORMAT_VERSION,
             "rule": asdict(self.rule),
             "model_fingerprint": None if self.model_fingerprint is None else asdict(self.model_fingerprint),
-            "calibration": self.calibration,
+            "calibration": self.calibration.to_metadata(),
             "groups": {
                 key: {
                     "module_names": group.module_names,
@@ -219,13 +283,12 @@ class NullSpaceProjectors:
 
         Args:
             path (`str` or `os.PathLike`):
-                A `.safetensors` file, or a directory containing `nspo_projectors.safetensors`.
+                A projector file, or a directory holding one (see [`existing_projectors_file`]).
         """
-        path = Path(path)
-        if path.is_dir():
-            path = path / PROJECTORS_FILE_NAME
-        if not path.is_file():
-            raise ProjectorFileError(f"No projector file at {path}.")
+        found = existing_projectors_file(path)
+        if found is None:
+            raise ProjectorFileError(f"No projector file at {projectors_file_path(path)}.")
+        path = found
         try:
             with safe_open(str(path), framework="pt") as reader:
                 header = reader.metadata() or {}
@@ -263,7 +326,7 @@ class NullSpaceProjectors:
             groups=groups,
             rule=NullSpaceRule(**metadata["rule"]),
             model_fingerprint=None if fingerprint is None else ModelFingerprint(**fingerprint),
-            calibration=metadata["calibration"],
+            calibration=CalibrationRecord.from_metadata(metadata["calibration"]),
         )
 
     def same_bases(self, other: NullSpaceProjectors, tolerance: float = 1e-4) -> bool:
@@ -280,21 +343,43 @@ class NullSpaceProjectors:
                 return False
         return True
 
-    def check_matches(self, input_dims: dict[str, int], model_fingerprint: ModelFingerprint, source: str) -> None:
+    def validated_for_run(
+        self,
+        input_dims: dict[str, int],
+        model_fingerprint: ModelFingerprint,
+        rule: NullSpaceRule,
+        calibration: CalibrationRecord | None,
+        source: str,
+    ) -> NullSpaceProjectors:
         """
-        Raises [`ProjectorFileError`] unless these projectors cover these modules, with these input sizes, and were
-        computed on this model: same config and same base weights, every one of them (a changed embedding, norm or
-        earlier layer changes a constrained layer's inputs as surely as its own weight does). Projectors computed for
-        more modules are fine (see [`NullSpaceProjectors.restricted_to`]).
+        The projectors of the modules in `input_dims`, once shown to belong to this run; raises
+        [`ProjectorFileError`] naming what differs otherwise. They must cover these modules with these input sizes
+        (projectors computed for more modules are fine), have been computed on this model (same config and every base
+        weight: a changed embedding, norm or earlier layer changes a constrained layer's inputs as surely as its own
+        weight does), be selected by `rule` and, when `calibration` is given, have been calibrated as it records.
 
         Args:
             input_dims (`dict[str, int]`):
                 Input dimension of every module the trainer will constrain, by canonical name.
             model_fingerprint ([`ModelFingerprint`]):
                 Fingerprint of the model being trained.
+            rule ([`NullSpaceRule`]):
+                The rule this run asks for. Settings the two rules do not use are ignored, and with the stored
+                eigenvalues a different rule that selects the same null dimension in every group is accepted (it
+                would recompute exactly these bases).
+            calibration ([`CalibrationRecord`], *optional*):
+                This run's calibration record (settings, dataset rows, chat template, prompt tokens), from
+                [`~fingerprints.calibration_record`]; `None` uses the file as it was made.
             source (`str`):
-                Where the projectors came from, for the error message.
+                Where the projectors came from, for the error messages.
         """
+        self._check_model(input_dims, model_fingerprint, source)
+        self._check_rule(rule, source)
+        if calibration is not None:
+            self._check_calibration(calibration, source)
+        return self.restricted_to(list(input_dims))
+
+    def _check_model(self, input_dims: dict[str, int], model_fingerprint: ModelFingerprint, source: str) -> None:
         if self.model_fingerprint is None:
             raise ProjectorFileError(
                 f"{source} has projector format version 1, which records a fingerprint of neither the whole model "
@@ -325,18 +410,7 @@ class NullSpaceProjectors:
                 "to another location."
             )
 
-    def check_rule(self, rule: NullSpaceRule, source: str) -> None:
-        """
-        Raises [`ProjectorFileError`] unless `rule` selects the null spaces stored here. Settings the two rules do not
-        use are ignored, and with the stored eigenvalues a different rule that selects the same null dimension in
-        every group is accepted (it would recompute exactly these bases).
-
-        Args:
-            rule ([`NullSpaceRule`]):
-                The rule this run asks for.
-            source (`str`):
-                Where the projectors came from, for the error message.
-        """
+    def _check_rule(self, rule: NullSpaceRule, source: str) -> None:
         differences = self.rule.selection_differences(rule)
         if not differences:
             return
@@ -361,25 +435,8 @@ class NullSpaceProjectors:
             "run's rule, or set the `null_space_*` options back to the file's."
         )
 
-    def check_calibration(self, expected: dict[str, Any], source: str) -> None:
-        """
-        Raises [`ProjectorFileError`] unless these projectors were calibrated as `expected` says: same settings,
-        dataset rows, chat template and prompt tokens (what reaches the layers, given the same model).
-
-        Args:
-            expected (`dict[str, Any]`):
-                This run's calibration record, from [`~calibration.calibration_record`].
-            source (`str`):
-                Where the projectors came from, for the error message.
-        """
-        uses_completions = expected.get("generate_completions") or self.calibration.get("generate_completions")
-        differences = [
-            f"{label}: {self.calibration.get(key, '(not recorded)')!r} in the file, {expected[key]!r} in this run"
-            for key, label in _CALIBRATION_FIELDS.items()
-            if key in expected
-            and self.calibration.get(key) != expected[key]
-            and (key not in ("completion_length", "completion_fingerprint") or uses_completions)
-        ]
+    def _check_calibration(self, expected: CalibrationRecord, source: str) -> None:
+        differences = self.calibration.differences(expected)
         if differences:
             raise ProjectorFileError(
                 f"The projectors in {source} were computed from other calibration data or settings than this run's: "
@@ -413,10 +470,15 @@ def _abbreviate(names: list[str], limit: int = 6) -> str:
     return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
 
 
-def projectors_file_path(path: str | os.PathLike) -> Path:
-    """Where projectors saved to `path` go: `path` itself if it names a `.safetensors` file, else a file inside it."""
-    path = Path(path)
-    return path if path.suffix == ".safetensors" else path / PROJECTORS_FILE_NAME
+def projectors_file_path(location: str | os.PathLike) -> Path:
+    """
+    Where the projector file of `location` (`projectors_path` or `output_dir`) is, or is saved to: `location` itself
+    if it is a file or names a `.safetensors` file, else `nspo_projectors.safetensors` inside the directory.
+    """
+    location = Path(location)
+    if location.is_file() or (location.suffix == ".safetensors" and not location.is_dir()):
+        return location
+    return location / PROJECTORS_FILE_NAME
 
 
 def copy_projectors_file(source: Path, directory: str | os.PathLike) -> Path:
@@ -447,14 +509,18 @@ def file_megabytes(path: str | os.PathLike) -> str:
     return f"{os.stat(path).st_size / 2**20:.1f} MB"
 
 
-def existing_projectors_file(path: str | os.PathLike | None) -> Path | None:
-    """The projector file at `path` (a `.safetensors` file, or a directory holding one), or `None` if there is none."""
-    if path is None:
+def existing_projectors_file(location: str | os.PathLike | None) -> Path | None:
+    """
+    The projector file at `location`, or `None` if there is none: the file [`projectors_file_path`] names, else the
+    file a checkpoint's `nspo_projectors.json` references (so `projectors_path` may name a checkpoint).
+    """
+    if location is None:
         return None
-    path = Path(path)
-    if path.is_dir():
-        path = path / PROJECTORS_FILE_NAME
-    return path if path.is_file() else None
+    path = projectors_file_path(location)
+    if path.is_file():
+        return path
+    reference = read_projectors_reference(location) if Path(location).is_dir() else None
+    return reference.path if reference is not None and reference.path.is_file() else None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -481,14 +547,30 @@ def write_projectors_reference(directory: str | os.PathLike, projectors_file: Pa
     return path
 
 
-def read_projectors_reference(directory: str | os.PathLike) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class ProjectorsReference:
+    """
+    What a checkpoint's `nspo_projectors.json` says about the projector file it was trained with.
+
+    Args:
+        path (`Path`):
+            The file's absolute path when the checkpoint was written.
+        sha256 (`str`):
+            SHA-256 of the file's content then.
+    """
+
+    path: Path
+    sha256: str
+
+
+def read_projectors_reference(directory: str | os.PathLike) -> ProjectorsReference | None:
     """The reference [`write_projectors_reference`] wrote into `directory`, or `None` if there is none."""
     path = Path(directory) / PROJECTORS_REFERENCE_NAME
     if not path.is_file():
         return None
     try:
         reference = json.loads(path.read_text())
-        return {"path": str(reference["path"]), "sha256": str(reference["sha256"])}
+        return ProjectorsReference(Path(reference["path"]), str(reference["sha256"]))
     except (ValueError, KeyError, TypeError) as error:
         raise ProjectorFileError(f"{path} is not a readable projector reference ({error}).") from error
 
