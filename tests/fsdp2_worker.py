@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
 from trl import GRPOConfig
 
-from trl_nspo import NSPOConfig
+from trl_nspo import NSPOConfig, NSPOTrainer
 from trl_nspo.calibration import find_constrained_modules
 
 # A rank of 3 over 2 ranks gives uneven shards: 2 rows of every lora_A on rank 0, 1 on rank 1.
@@ -163,7 +163,7 @@ def build_trainer(trainer_class: type, model_dir: Path, output_dir: Path, mode: 
     )
     if mode == "full":
         values.update(learning_rate=1e-3, nspo_target_modules=FULL_FINE_TUNING_TARGETS)
-    if issubclass(trainer_class, importlib.import_module("trl_nspo").NSPOTrainer):
+    if issubclass(trainer_class, NSPOTrainer):
         args = NSPOConfig(**values)
         extra = {"calibration_dataset": CALIBRATION}
     else:
