@@ -3,7 +3,8 @@
 
     accelerate launch --config_file examples/accelerate/fsdp2.yaml --num_processes 2 --mixed_precision no \
         tests/fsdp2_worker.py MODEL_DIR OUTPUT_DIR --mode {lora,full} [--trainer trl.GRPOTrainer] \
-        [--max-steps 4] [--resume-from CHECKPOINT_DIR] [--without-generate-registration]
+        [--max-steps 4] [--resume-from CHECKPOINT_DIR] [--without-generate-registration] \
+        [--without-fsdp-on-cpu]
 
 The launch goes through the example configuration itself, so `cpu_ram_efficient_loading` (rank 0 loads the weights,
 the other ranks get them at `prepare`), activation checkpointing, `TRANSFORMER_BASED_WRAP` and the state-dict type
@@ -192,8 +193,14 @@ def main() -> None:
         action="store_true",
         help="undo transformers' fix of TRL #4550 (`register_fsdp_forward_method(model, 'generate')`), to show it",
     )
+    parser.add_argument(
+        "--without-fsdp-on-cpu",
+        action="store_true",
+        help="leave Accelerate's CPU state alone, to show that it then trains with DDP instead of FSDP2",
+    )
     cli = parser.parse_args()
-    Trainer.create_accelerator_and_postprocess = create_accelerator_with_fsdp_on_cpu
+    if not cli.without_fsdp_on_cpu:
+        Trainer.create_accelerator_and_postprocess = create_accelerator_with_fsdp_on_cpu
     if cli.without_generate_registration:
         torch.distributed.fsdp.register_fsdp_forward_method = lambda module, method_name: None
 
@@ -201,16 +208,17 @@ def main() -> None:
     trainer_class = getattr(importlib.import_module(module_name), class_name)
     trainer = build_trainer(trainer_class, cli.model_dir, cli.output_dir, cli.mode, cli.max_steps)
     rank = trainer.accelerator.process_index
-    plugin = trainer.accelerator.state.fsdp_plugin
+    # None when Accelerate fell back to DDP (`--without-fsdp-on-cpu`).
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     base_weight = trainer.model.get_input_embeddings().weight
     report = {
         "rank": rank,
         "world_size": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
-        "fsdp_version": plugin.fsdp_version,
-        "cpu_ram_efficient_loading": plugin.cpu_ram_efficient_loading,
-        "activation_checkpointing": plugin.activation_checkpointing,
-        "state_dict_type": str(plugin.state_dict_type),
+        "fsdp_version": plugin and plugin.fsdp_version,
+        "cpu_ram_efficient_loading": plugin and plugin.cpu_ram_efficient_loading,
+        "activation_checkpointing": plugin and plugin.activation_checkpointing,
+        "state_dict_type": plugin and str(plugin.state_dict_type),
         # With `cpu_ram_efficient_loading`, only rank 0 holds the loaded weights before `prepare`: what the others
         # hold there is what a calibration in `__init__` would run on.
         "embedding_before_prepare": {

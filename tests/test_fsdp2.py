@@ -117,6 +117,18 @@ class TestAccelerateFSDP2:
             assert report["global_step"] == 4
             assert report["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
 
+    def test_without_the_cpu_switch_accelerate_silently_trains_with_ddp(self, tiny_model_dir, tmp_path):
+        # Why the worker switches the CPU state: Accelerate keeps FSDP only for accelerator process groups and drops
+        # the plugin for `MULTI_CPU`, without a warning. If this fails, Accelerate runs FSDP on CPU by itself and the
+        # worker's switch can go.
+        run_fsdp2_worker(tiny_model_dir, tmp_path, "lora", "--max-steps", "1", "--without-fsdp-on-cpu")
+        for report in reports(tmp_path):
+            assert report["world_size"] == WORLD_SIZE
+            assert report["distributed_type"] == "DistributedType.MULTI_CPU"
+            assert report["fsdp_version"] is None
+            assert report["wrapped_model"] == "DistributedDataParallel"
+            assert report["after_prepare"]["parameter"]["type"] == "Tensor"
+
     def test_constrained_weights_and_gradients_are_row_shards_at_every_hook(self, fsdp2_runs):
         mode, uninterrupted, _ = fsdp2_runs
         # LoRA rank 3 over 2 ranks: uneven shards. Full fine-tuning: the MLP's 128-row and 64-row weights, halved.
