@@ -1,195 +1,263 @@
-"""One rank of a torch FSDP2 (`fully_shard`) experiment on CPU (gloo), for `tests/test_distributed.py`.
+"""One rank of a GRPO-family trainer under Accelerate's FSDP2 (`fsdp_version: 2`) on CPU (gloo), for
+`tests/test_fsdp2.py`.
 
-Accelerate enables FSDP only on accelerators: with `use_cpu=True`, `fsdp=...` falls back to DDP, so NSPOTrainer
-cannot be run under FSDP2 here. This worker therefore applies `fully_shard` itself to a LoRA model and trains it with
-a plain loop, in two variants:
+    accelerate launch --config_file examples/accelerate/fsdp2.yaml --num_processes 2 --mixed_precision no \
+        tests/fsdp2_worker.py MODEL_DIR OUTPUT_DIR --mode {lora,full} [--trainer trl.GRPOTrainer] \
+        [--max-steps 4] [--resume-from CHECKPOINT_DIR] [--without-generate-registration] \
+        [--without-fsdp-on-cpu]
 
-- `bound_before_sharding`: the current `NullSpaceConstraint`, built before sharding as NSPOTrainer builds it before
-  Accelerate prepares the model. `fully_shard` replaces every parameter with a new DTensor one, so the constraint
-  keeps projecting the old tensors: nothing happens to the trained model.
-- `local_row_shards`: the prototype of what NSPO needs under FSDP2: look the `lora_A` weights up after sharding, and
-  project the rows each rank holds (`DTensor.to_local()`; FSDP2 shards dim 0, the rows of A, and rows are projected
-  independently).
+The launch goes through the example configuration itself, so `cpu_ram_efficient_loading` (rank 0 loads the weights,
+the other ranks get them at `prepare`), activation checkpointing, `TRANSFORMER_BASED_WRAP` and the state-dict type
+are the ones users get. Accelerate enables FSDP only on accelerators (`AcceleratorState.__init__` keeps FSDP for the
+`MULTI_GPU`-like types only, not `MULTI_CPU`): this worker alone turns the CPU state into an FSDP one just before
+the trainer creates its `Accelerator` (`create_accelerator_with_fsdp_on_cpu`), so everything after that is
+Accelerate's real FSDP2 path (`fsdp2_prepare_model`, `fully_shard`, `fsdp2_load_full_state_dict`, the sharded
+checkpoints).
 
-It also tries NSPOTrainer on a model that transformers sharded at load time (`DistributedConfig(fsdp_size=2)`).
+Each rank writes `report-rank{r}.json` (what the trainer saw: engine, placements and local row counts of the
+constrained weights after `prepare`, what `.grad` is in `training_step` and at `on_optimizer_step`, the output change
+on the calibration inputs) and `parameters-rank{r}.safetensors` (the trained parameters, gathered from the shards,
+under their names without FSDP's activation-checkpoint wrapper) so the test can compare ranks and runs.
 
-Launch: `python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp2_worker.py MODEL_DIR OUTPUT_DIR`.
-Each rank writes `report-rank{r}.json`.
+`--trainer` names the trainer class (`module.Class`); today it is `trl.GRPOTrainer`, and switching it to
+`trl_nspo.NSPOTrainer` is all the test has to change once NSPOTrainer binds its constraint after `prepare`.
 """
 
 import argparse
+import importlib
 import json
-import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import DistributedType
 from peft import get_peft_model
-from test_trainer import CALIBRATION, EXACT_KERNEL_ALPHA, TRAIN, config, length_reward, lora
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from safetensors.torch import save_file
+from test_trainer import CALIBRATION, TRAIN, config, length_reward, lora, output_change_on_calibration_inputs
 from torch.distributed.tensor import DTensor
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.distributed import DistributedConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
+from trl import GRPOConfig
 
-from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceBasis, NullSpaceConstraint, NullSpaceRule, compute_projectors
-from trl_nspo.calibration import layer_input_covariances
-from trl_nspo.calibration_data import CalibrationSettings, calibration_token_sequences, pad_token_id
-from trl_nspo.targets import base_linear, find_constrained_modules
+from trl_nspo import NSPOConfig, NSPOTrainer
+from trl_nspo.targets import find_constrained_modules
 
 # A rank of 3 over 2 ranks gives uneven shards: 2 rows of every lora_A on rank 0, 1 on rank 1.
 LORA_RANK = 3
-TRAINING_STEPS = 3
-SETTINGS = CalibrationSettings(completion_length=8)
-RULE = NullSpaceRule(alpha=EXACT_KERNEL_ALPHA)
+# Full fine-tuning trains (and constrains) the MLP only, as in test_trainer's full fine-tuning test.
+FULL_FINE_TUNING_TARGETS = ["gate_proj", "up_proj", "down_proj"]
+SAVE_STEPS = 2
+# FSDP2's activation checkpointing wraps every decoder layer; the parameter names gain this part.
+CHECKPOINT_WRAPPER = "._checkpoint_wrapped_module"
 
 
-def local_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """The rows of a (possibly FSDP2-sharded) `lora_A` weight or gradient held by this rank, as a view to write to."""
-    if not isinstance(tensor, DTensor):
-        return tensor
-    if not all(placement.is_shard(dim=0) or placement.is_replicate() for placement in tensor.placements):
-        # A column shard holds part of every row: projecting it alone is not the projection of the rows.
-        raise ValueError(f"Projecting rows needs whole rows on each rank; got placements {tensor.placements}.")
-    return tensor.to_local()
+def create_accelerator_with_fsdp_on_cpu(trainer: Trainer) -> None:
+    """`Trainer.create_accelerator_and_postprocess`, with the CPU process group presented to Accelerate as an
+    accelerator one: `AcceleratorState` turns `ACCELERATE_USE_FSDP` into `DistributedType.FSDP` only for the
+    `MULTI_GPU`-like types and silently keeps DDP (`MULTI_CPU`) otherwise. Accelerate then replaces the type by
+    `FSDP` itself; the device stays the CPU and the backend gloo."""
+    PartialState().distributed_type = DistributedType.MULTI_GPU
+    CREATE_ACCELERATOR(trainer)
 
 
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+CREATE_ACCELERATOR = Trainer.create_accelerator_and_postprocess
 
 
-def shard(model: torch.nn.Module, mesh: DeviceMesh) -> None:
-    for layer in model.base_model.model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+def canonical(name: str) -> str:
+    return name.replace(CHECKPOINT_WRAPPER, "")
 
 
-def output_change(modules: dict[str, torch.nn.Module], covariances: dict[str, torch.Tensor]) -> float:
-    """‖s·B·A·K‖ / ‖W·K‖ over every LoRA layer from the full (gathered) weights, K = all calibration tokens."""
-    delta_sq = base_sq = 0.0
-    for name, module in modules.items():
-        lora_a = full(module.lora_A["default"].weight.detach()).double()
-        lora_b = full(module.lora_B["default"].weight.detach()).double()
-        weight = full(base_linear(module).weight.detach()).double()
-        delta = lora_b @ lora_a * module.scaling["default"]
-        delta_sq += torch.trace(delta @ covariances[name] @ delta.T).item()
-        base_sq += torch.trace(weight @ covariances[name] @ weight.T).item()
-    return math.sqrt(delta_sq / base_sq)
+def describe(tensor: torch.Tensor | None) -> dict | None:
+    """Type, global shape, placements and local (this rank's) shape of a parameter or gradient."""
+    if tensor is None:
+        return None
+    if isinstance(tensor, DTensor):
+        return {
+            "type": "DTensor",
+            "shape": list(tensor.shape),
+            "placements": str(tensor.placements),
+            "local_shape": list(local(tensor).shape),
+            "dtype": str(tensor.dtype),
+        }
+    return {"type": "Tensor", "shape": list(tensor.shape), "dtype": str(tensor.dtype)}
 
 
-def range_residual(modules: dict[str, torch.nn.Module], bases: dict[str, NullSpaceBasis]) -> float:
-    """The largest ‖A·(I − P)‖ / ‖A‖ over every `lora_A` (full, gathered)."""
-    worst = 0.0
-    for name, module in modules.items():
-        lora_a = full(module.lora_A["default"].weight.detach()).float()
-        worst = max(worst, (bases[name].range_part_norm(lora_a) / torch.linalg.matrix_norm(lora_a)).item())
-    return worst
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def train(model_dir: Path, mesh: DeviceMesh, variant: str) -> dict:
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora(r=LORA_RANK))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-
-    # Exact K·Kᵀ of all calibration tokens: each rank feeds its share and the covariances are summed across ranks.
-    sequences, _ = calibration_token_sequences(model, tokenizer, CALIBRATION, SETTINGS, show_progress=False)
-    covariances = {}
-    for names, accumulator in layer_input_covariances(
-        model, find_constrained_modules(model), sequences[rank::world_size], pad_token_id(tokenizer), SETTINGS, False
-    ):
-        covariances.update(dict.fromkeys(names, accumulator.sum))
-    projectors = compute_projectors(model, tokenizer, CALIBRATION, SETTINGS, RULE, show_progress=False)
-    bases = projectors.basis_by_module()
-    # Bound before the model is sharded, as NSPOTrainer does in `__init__`, and (unlike NSPOTrainer) never again.
-    constraint = NullSpaceConstraint(model, projectors)
-    constraint.bind(model)
-
-    shard(model, mesh)
-    modules = find_constrained_modules(model)
-    model_parameters = {id(p) for p in model.parameters()}
-    report = {
-        "bound_parameters_in_model": sum(id(entry.parameter) in model_parameters for entry in constraint.weights),
-        "placements": sorted({str(m.lora_A["default"].weight.placements) for m in modules.values()}),
-        "local_rows": [local_rows(m.lora_A["default"].weight).shape[0] for m in modules.values()],
-        "gradient_projection_error": 0.0,
-        "parameter_projection_error": 0.0,
-        "kept_gradient_fraction": [],
+def constrained_weights(model: torch.nn.Module, mode: str) -> dict[str, torch.nn.Parameter]:
+    """The weights NSPO constrains (each `lora_A`, or the MLP weights), by canonical name."""
+    if mode == "lora":
+        return {canonical(n): p for n, p in model.named_parameters() if "lora_A" in n}
+    return {
+        canonical(n): p
+        for n, p in model.named_parameters()
+        if any(f".{target}." in n for target in FULL_FINE_TUNING_TARGETS) and n.endswith("weight")
     }
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(rank)
-    for _ in range(TRAINING_STEPS):
-        # Different tokens on each rank: FSDP2 must reduce the gradients for the ranks to agree.
-        input_ids = torch.randint(5, len(tokenizer), (2, 12), generator=generator)
-        model(input_ids=input_ids, labels=input_ids).loss.backward()
-        if variant == "bound_before_sharding":
-            report["kept_gradient_fraction"].append(constraint.project_gradients())
-        else:
-            with torch.no_grad():
-                for name, module in modules.items():
-                    gradient = module.lora_A["default"].weight.grad
-                    expected = bases[name].project_rows(full(gradient))
-                    rows = local_rows(gradient)
-                    rows.copy_(bases[name].project_rows(rows))
-                    error = (full(gradient) - expected).abs().max().item()
-                    report["gradient_projection_error"] = max(report["gradient_projection_error"], error)
-        optimizer.step()
-        optimizer.zero_grad()
-        if variant == "bound_before_sharding":
-            constraint.project_parameters()
-        else:
-            with torch.no_grad():
-                for name, module in modules.items():
-                    weight = module.lora_A["default"].weight
-                    expected = bases[name].project_rows(full(weight.detach()))
-                    rows = local_rows(weight.detach())
-                    rows.copy_(bases[name].project_rows(rows))
-                    error = (full(weight.detach()) - expected).abs().max().item()
-                    report["parameter_projection_error"] = max(report["parameter_projection_error"], error)
-    report["output_change"] = output_change(modules, covariances)
-    report["range_residual"] = range_residual(modules, bases)
-    # Every B left zero: the adapters trained.
-    report["least_moved_lora_b"] = min(
-        full(m.lora_B["default"].weight).detach().abs().max().item() for m in modules.values()
-    )
-    return report
 
 
-def nspo_on_model_sharded_at_load_time(model_dir: Path, output_dir: Path) -> dict:
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, distributed_config=DistributedConfig(fsdp_size=dist.get_world_size())
+class RecordWhatTheTrainerSees(TrainerCallback):
+    """Records, on the first optimizer step, the constrained weights and their gradients as the NSPO hooks see them:
+    after `prepare` (`on_train_begin`), before `optimizer.step()` (after clipping) and at `on_optimizer_step`."""
+
+    def __init__(self, report: dict, mode: str):
+        self.report = report
+        self.mode = mode
+
+    def _record(self, key: str, model: torch.nn.Module) -> None:
+        if key in self.report:
+            return
+        weights = constrained_weights(model, self.mode)
+        name = sorted(weights)[0]
+        self.report[key] = {
+            "name": name,
+            "parameter": describe(weights[name]),
+            "gradient": describe(weights[name].grad),
+            "local_rows": sorted({local(p).shape[0] for p in weights.values()}),
+        }
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._record("after_prepare", model)
+        # After `prepare` and after a resume's `_load_from_checkpoint`: what the run starts from.
+        self.report["trainable_norm_at_train_begin"] = trainable_norm(gathered_parameters(model))
+        self.report["checkpoint_wrapped_names"] = any(CHECKPOINT_WRAPPER in n for n, _ in model.named_parameters())
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self._record("before_optimizer_step", model)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self._record("on_optimizer_step", model)
+
+
+def gathered_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter, whole (`full_tensor` is a collective: every rank calls it in the same order)."""
+    return {
+        canonical(name): (p.full_tensor() if isinstance(p, DTensor) else p).detach().contiguous()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def trainable_norm(parameters: dict[str, torch.Tensor]) -> float:
+    return torch.linalg.vector_norm(torch.stack([p.double().norm() for p in parameters.values()])).item()
+
+
+def unsharded_model(model_dir: Path, mode: str, parameters: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A fresh single-process copy of the model with `parameters` loaded: what the test measures outputs on."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if mode == "lora":
+        model = get_peft_model(model, lora(r=LORA_RANK))
+    incompatible = model.load_state_dict(parameters, strict=False)
+    assert not incompatible.unexpected_keys, incompatible.unexpected_keys
+    return model
+
+
+def build_trainer(trainer_class: type, model_dir: Path, output_dir: Path, mode: str, max_steps: int) -> Trainer:
+    values = config(
+        output_dir,
+        output_dir=str(output_dir),
+        ddp_backend="gloo",
+        max_steps=max_steps,
+        save_strategy="steps",
+        save_steps=SAVE_STEPS,
     )
-    try:
-        NSPOTrainer(
-            model,
-            length_reward,
-            NSPOConfig(**config(output_dir, ddp_backend="gloo")),
-            train_dataset=TRAIN,
-            calibration_dataset=CALIBRATION,
-            peft_config=lora(),
-        )
-    except Exception as error:
-        return {"error_type": type(error).__name__, "message": str(error)[:500]}
-    return {"error_type": None, "message": "accepted"}
+    if mode == "full":
+        values.update(learning_rate=1e-3, nspo_target_modules=FULL_FINE_TUNING_TARGETS)
+    if issubclass(trainer_class, NSPOTrainer):
+        args = NSPOConfig(**values)
+        extra = {"calibration_dataset": CALIBRATION}
+    else:
+        args = GRPOConfig(**{k: v for k, v in values.items() if not k.startswith(("calibration", "null", "nspo"))})
+        extra = {}
+    _ = args.device  # Starts the process group, so that `from_pretrained` sees FSDP and loads on rank 0 only.
+    if mode == "lora":
+        model, extra["peft_config"] = str(model_dir), lora(r=LORA_RANK)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(".mlp." in name)
+    return trainer_class(model, length_reward, args, train_dataset=TRAIN, **extra)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--mode", choices=["lora", "full"], required=True)
+    parser.add_argument("--trainer", default="trl.GRPOTrainer", help="module.Class of the trainer to run")
+    parser.add_argument("--max-steps", type=int, default=4)
+    parser.add_argument("--resume-from", type=Path, help="a checkpoint directory of an earlier run to resume from")
+    parser.add_argument(
+        "--without-generate-registration",
+        action="store_true",
+        help="undo transformers' fix of TRL #4550 (`register_fsdp_forward_method(model, 'generate')`), to show it",
+    )
+    parser.add_argument(
+        "--without-fsdp-on-cpu",
+        action="store_true",
+        help="leave Accelerate's CPU state alone, to show that it then trains with DDP instead of FSDP2",
+    )
     cli = parser.parse_args()
+    if not cli.without_fsdp_on_cpu:
+        Trainer.create_accelerator_and_postprocess = create_accelerator_with_fsdp_on_cpu
+    if cli.without_generate_registration:
+        torch.distributed.fsdp.register_fsdp_forward_method = lambda module, method_name: None
 
-    dist.init_process_group("gloo")
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    module_name, class_name = cli.trainer.rsplit(".", 1)
+    trainer_class = getattr(importlib.import_module(module_name), class_name)
+    trainer = build_trainer(trainer_class, cli.model_dir, cli.output_dir, cli.mode, cli.max_steps)
+    rank = trainer.accelerator.process_index
+    # None when Accelerate fell back to DDP (`--without-fsdp-on-cpu`).
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    base_weight = trainer.model.get_input_embeddings().weight
     report = {
-        "rank": dist.get_rank(),
-        "world_size": dist.get_world_size(),
-        "local_row_shards": train(cli.model_dir, mesh, "local_row_shards"),
-        "bound_before_sharding": train(cli.model_dir, mesh, "bound_before_sharding"),
-        "sharded_at_load_time": nspo_on_model_sharded_at_load_time(cli.model_dir, cli.output_dir),
+        "rank": rank,
+        "world_size": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "fsdp_version": plugin and plugin.fsdp_version,
+        "cpu_ram_efficient_loading": plugin and plugin.cpu_ram_efficient_loading,
+        "activation_checkpointing": plugin and plugin.activation_checkpointing,
+        "state_dict_type": plugin and str(plugin.state_dict_type),
+        # With `cpu_ram_efficient_loading`, only rank 0 holds the loaded weights before `prepare`: what the others
+        # hold there is what a calibration in `__init__` would run on.
+        "embedding_before_prepare": {
+            "device": str(base_weight.device),
+            "sum": None if base_weight.is_meta else base_weight.detach().double().sum().item(),
+        },
     }
-    (cli.output_dir / f"report-rank{dist.get_rank()}.json").write_text(json.dumps(report, indent=2))
-    dist.destroy_process_group()
+    trainer.add_callback(RecordWhatTheTrainerSees(report, cli.mode))
+    try:
+        trainer.train(resume_from_checkpoint=str(cli.resume_from) if cli.resume_from else None)
+    except RuntimeError as error:
+        report["error"] = str(error)[:500]
+        (cli.output_dir / f"report-rank{rank}.json").write_text(json.dumps(report, indent=2))
+        raise
+
+    parameters = gathered_parameters(trainer.model)
+    save_file(parameters, cli.output_dir / f"parameters-rank{rank}.safetensors")
+    model = unsharded_model(cli.model_dir, cli.mode, parameters)
+    base = unsharded_model(cli.model_dir, cli.mode, {})
+    targets = FULL_FINE_TUNING_TARGETS if cli.mode == "full" else None
+    initial_weights = {n: m.weight.detach().double() for n, m in find_constrained_modules(base, targets).items()}
+    measured = SimpleNamespace(
+        model=model,
+        processing_class=AutoTokenizer.from_pretrained(cli.model_dir),
+        args=SimpleNamespace(nspo_target_modules=targets),
+        initial_weights=initial_weights,
+    )
+    report.update(
+        trainable_norm_at_train_end=trainable_norm(parameters),
+        wrapped_model=type(trainer.model_wrapped).__name__,
+        global_step=trainer.state.global_step,
+        output_change=output_change_on_calibration_inputs(measured),
+        checkpoints=sorted(p.name for p in cli.output_dir.glob("checkpoint-*")),
+        checkpoint_files=sorted(p.name for p in (cli.output_dir / f"checkpoint-{SAVE_STEPS}").iterdir())
+        if (cli.output_dir / f"checkpoint-{SAVE_STEPS}").is_dir()
+        else [],
+        log_history=trainer.state.log_history,
+    )
+    (cli.output_dir / f"report-rank{rank}.json").write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""NSPO with several processes: DDP (supported, exact), FSDP2 (refused; the projection it would need is checked
-here at the torch level), FSDP1 and DeepSpeed (refused).
+"""NSPO with several processes: DDP (supported, exact), FSDP and DeepSpeed (refused; FSDP2 is studied in
+`tests/test_fsdp2.py`).
 
 Everything runs on CPU with two real processes (gloo). `accelerate launch --cpu --num_processes 2` silently starts a
 single process on a CPU-only machine, so the ranks are started with `torch.distributed.run`, and every rank reports
@@ -34,13 +34,24 @@ def projection_matrices(projectors: NullSpaceProjectors) -> dict[str, torch.Tens
     }
 
 
-def run_on_two_processes(worker: str, model_dir: Path, output_dir: Path) -> Path:
-    """Runs `tests/<worker>` on `WORLD_SIZE` CPU processes; returns `output_dir`, where each rank wrote its results."""
+def launch_on_two_processes(
+    worker: str, model_dir: Path, output_dir: Path, *worker_args: str, launcher: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    """Runs `tests/<worker> model_dir output_dir *worker_args` on `WORLD_SIZE` CPU processes, started by `launcher`
+    (default: `torch.distributed.run`)."""
     # One thread per rank: the ranks share the machine's cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}"]
-    command += [str(TESTS_DIR / worker), str(model_dir), str(output_dir)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    if launcher is None:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}"]
+    command = [*launcher, str(TESTS_DIR / worker), str(model_dir), str(output_dir), *worker_args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def run_on_two_processes(
+    worker: str, model_dir: Path, output_dir: Path, *worker_args: str, launcher: list[str] | None = None
+) -> Path:
+    """`launch_on_two_processes`, which must succeed; returns `output_dir`, where each rank wrote its results."""
+    result = launch_on_two_processes(worker, model_dir, output_dir, *worker_args, launcher=launcher)
     assert result.returncode == 0, f"{worker} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return output_dir
 
@@ -49,12 +60,6 @@ def run_on_two_processes(worker: str, model_dir: Path, output_dir: Path) -> Path
 def ddp_run(tiny_model_dir, tmp_path_factory) -> Path:
     """Output folder of a DDP run of NSPOTrainer (`ddp_worker.py`): projectors, parameters and reports per rank."""
     return run_on_two_processes("ddp_worker.py", tiny_model_dir, tmp_path_factory.mktemp("ddp"))
-
-
-@pytest.fixture(scope="module")
-def fsdp2_reports(tiny_model_dir, tmp_path_factory) -> list[dict]:
-    """Reports of `fsdp2_worker.py`: LoRA training under `fully_shard`, projected two ways, one per rank."""
-    return reports(run_on_two_processes("fsdp2_worker.py", tiny_model_dir, tmp_path_factory.mktemp("fsdp2")))
 
 
 def reports(output_dir: Path) -> list[dict]:
@@ -120,35 +125,6 @@ class TestDDP:
             assert len(steps) == 4
             assert max(entry["nspo/preservation_error"] for entry in steps) <= 1e-5
             assert any("nspo/kept_gradient_fraction" in entry for entry in steps)
-
-
-@pytest.mark.slow
-class TestFSDP2:
-    def test_projecting_each_ranks_rows_is_projecting_the_whole_matrix(self, fsdp2_reports):
-        first, second = (report["local_row_shards"] for report in fsdp2_reports)
-        # FSDP2 shards lora_A by rows, unevenly here (rank 3 over 2 processes).
-        assert first["placements"] == ["(Shard(dim=0),)"]
-        assert set(first["local_rows"]) == {2} and set(second["local_rows"]) == {1}
-        for report in (first, second):
-            assert report["gradient_projection_error"] <= 1e-6
-            assert report["parameter_projection_error"] <= 1e-6
-            assert report["range_residual"] <= 1e-6
-            assert report["output_change"] <= 1e-6
-            assert report["least_moved_lora_b"] > 0
-
-    def test_a_constraint_bound_before_sharding_silently_does_nothing(self, fsdp2_reports):
-        # `fully_shard` replaces every parameter: a constraint bound before sharding and never bound again projects
-        # stale tensors. NSPOTrainer binds again after `prepare`; FSDP stays refused until it projects local shards.
-        for report in fsdp2_reports:
-            stale = report["bound_before_sharding"]
-            assert stale["bound_parameters_in_model"] == 0
-            assert stale["kept_gradient_fraction"] == [None] * len(stale["kept_gradient_fraction"])
-            assert stale["output_change"] >= 1e-3
-
-    def test_a_model_sharded_at_load_time_is_refused(self, fsdp2_reports):
-        for report in fsdp2_reports:
-            assert report["sharded_at_load_time"]["error_type"] == "UnsupportedSetupError"
-            assert "models sharded at load time" in report["sharded_at_load_time"]["message"]
 
 
 class TestRefusedEngines:

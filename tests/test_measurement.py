@@ -6,8 +6,9 @@ from conftest import build_tiny_gpt2
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
-from trl_nspo.calibration import CalibrationSettings, adapters_disabled, base_linear, find_constrained_modules
+from trl_nspo.calibration_data import CalibrationSettings
 from trl_nspo.measurement import collect_layer_inputs, output_change
+from trl_nspo.targets import adapters_disabled, base_linear, find_constrained_modules
 
 GENERAL = Dataset.from_dict(
     {

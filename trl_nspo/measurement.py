@@ -28,15 +28,10 @@ from datasets import Dataset
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .calibration import (
-    CalibrationSettings,
-    base_linear,
-    calibration_token_sequences,
-    find_constrained_modules,
-    layer_input_covariances,
-    pad_token_id,
-)
+from .calibration import layer_input_covariances
+from .calibration_data import CalibrationSettings, calibration_token_sequences, pad_token_id
 from .null_space import CovarianceAccumulator
+from .targets import base_linear, find_constrained_modules, lora_adapters, lora_factors
 
 
 @dataclass
@@ -184,12 +179,10 @@ def output_change(
     by_kind: dict[str, list[float]] = {}
     for name, module in find_constrained_modules(model, inputs.target_modules).items():
         covariance = covariances[name]
-        if hasattr(module, "lora_A"):
-            adapter = module.active_adapters[0]
-            lora_a = module.lora_A[adapter].weight.double()
-            lora_b = module.lora_B[adapter].weight.double()
-            inner = lora_a @ covariance @ lora_a.T
-            layer_delta_sq = module.scaling[adapter] ** 2 * torch.trace(lora_b @ inner @ lora_b.T).item()
+        if adapters := lora_adapters(module):
+            lora_a, lora_b, scale = lora_factors(module, adapters[0])
+            inner = lora_a.double() @ covariance @ lora_a.double().T
+            layer_delta_sq = scale**2 * torch.trace(lora_b.double() @ inner @ lora_b.double().T).item()
         else:
             if initial_weights is None:
                 raise ValueError(

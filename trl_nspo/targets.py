@@ -143,7 +143,9 @@ def constrained_input_dim(module: nn.Module) -> int:
 
 
 def lora_adapters(module: nn.Module) -> list[str]:
-    """The active adapters of a LoRA layer that have an A matrix (whose rows NSPO constrains)."""
+    """The active adapters of a LoRA layer that have an A matrix (whose rows NSPO constrains); none for other layers."""
+    if not isinstance(module, LoraLayer):
+        return []
     return [adapter for adapter in module.active_adapters if adapter in module.lora_A]
 
 
@@ -177,6 +179,11 @@ def recorded_base_model(model: nn.Module) -> str | None:
     """The base model's name or path as the active PEFT adapter records it (`base_model_name_or_path`), if any."""
     peft_config = getattr(model, "active_peft_config", None)
     return getattr(peft_config, "base_model_name_or_path", None)
+
+
+def record_base_model(model: nn.Module, name_or_path: str) -> None:
+    """Makes the active PEFT adapter (its saved config and model card) name `name_or_path` as its base model."""
+    model.active_peft_config.base_model_name_or_path = name_or_path
 
 
 @contextlib.contextmanager

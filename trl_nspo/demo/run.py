@@ -24,6 +24,7 @@ from ..nspo_trainer import NSPOTrainer
 from ..precision import bf16_supported
 from ..projectors import PROJECTORS_FILE_NAME, file_megabytes
 from ..rewards import RefusalReward
+from ..targets import record_base_model
 from .evaluation import EvaluationPrompts, base_model_context, evaluate, float32_model, greedy_answers
 from .prompts import demo_safety_dataset, embedded_prompts
 from .smollm2 import SMOLLM2_HUB_ID, prepare_smollm2
@@ -177,7 +178,7 @@ def run_demo(arguments: DemoArguments) -> dict:
     def name_hub_base_model(trainer: GRPOTrainer) -> None:
         # Loaded from the local converted copy: the adapter (and its card) names the Hub model instead of the cache.
         if base_model_hub_id is not None:
-            trainer.model.active_peft_config.base_model_name_or_path = base_model_hub_id
+            record_base_model(trainer.model, base_model_hub_id)
 
     general_eval = embedded_prompts("general_eval")
     prompts = EvaluationPrompts(
