@@ -143,7 +143,7 @@ def constrained_input_dim(module: nn.Module) -> int:
 
 
 def lora_adapters(module: nn.Module) -> list[str]:
-    """The active adapters of a LoRA layer that have an A matrix (whose rows NSPO constrains); none for other layers."""
+    """The active adapters of a LoRA layer that have an A matrix (whose rows NSPO constrains); none elsewhere."""
     if not isinstance(module, LoraLayer):
         return []
     return [adapter for adapter in module.active_adapters if adapter in module.lora_A]
