@@ -39,6 +39,7 @@ from .targets import (
     check_peft_model,
     constrained_input_dim,
     find_constrained_modules,
+    is_lora_model,
     recorded_base_model,
     requires_grad_kept,
 )
@@ -128,8 +129,10 @@ class NSPOTrainer(GRPOTrainer):
             raise TypeError(
                 f"NSPOTrainer needs an `NSPOConfig` as `args`, got {kind}. Replace GRPOConfig by NSPOConfig."
             )
-        check_training_engine(args)
         peft_config = grpo_kwargs.get("peft_config")
+        check_training_engine(
+            args, peft=peft_config is not None or (isinstance(model, torch.nn.Module) and is_lora_model(model))
+        )
         if peft_config is not None:
             messages = check_peft_config(peft_config, args.allow_unconstrained_parameters)
         else:
