@@ -422,8 +422,10 @@ class NullSpaceConstraint:
                     "shards dim 0, the input dimension: no process holds whole rows to project. Full fine-tuning of "
                     "Conv1D models under FSDP2 is not supported; train them with LoRA, DDP or on one device."
                 )
-            start, end, entry.row_weight = _local_row_range(output_rows)
-            entry.rows = slice(start, end)
+            entry.rows, entry.row_weight = slice(None), 1.0
+            if isinstance(output_rows, DTensor):
+                start, end, entry.row_weight = _local_row_range(output_rows)
+                entry.rows = slice(start, end)
             if entry.basis.basis.device != entry.parameter.device:
                 entry.to(entry.parameter.device)
         self._bound_modules = modules

@@ -466,6 +466,9 @@ class NSPOTrainer(GRPOTrainer):
         if not self.args.should_save:
             return
         directory = Path(output_dir or self.args.output_dir)
+        # FSDP's SHARDED_STATE_DICT saves no weights here (they go to the checkpoint's `pytorch_model_fsdp_0/` later),
+        # so the folder may not exist yet.
+        directory.mkdir(parents=True, exist_ok=True)
         if directory.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-"):
             write_projectors_reference(directory, self.projectors_file, self._projectors_sha256)
             return
