@@ -313,3 +313,42 @@ class TestEnginePolicy:
 
 def _module(model, entry):
     return modules_by_canonical_name(model)[entry.module_name]
+
+
+@pytest.fixture
+def one_process_mesh(tmp_path):
+    """A one-process gloo group and device mesh, destroyed afterwards (DTensors need a mesh)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+class TestDTensorRows:
+    def test_row_shards_and_replicas_give_their_local_tensor_to_write_to(self, one_process_mesh):
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        from trl_nspo.constraint import _local_row_range, _local_rows
+
+        for placement in (Shard(0), Replicate()):
+            whole = torch.arange(12.0).reshape(4, 3)
+            tensor = DTensor.from_local(whole.clone(), one_process_mesh, [placement])
+            rows = _local_rows(tensor)
+            assert not isinstance(rows, DTensor) and torch.equal(rows, whole)
+            rows.zero_()
+            assert tensor.to_local().abs().sum() == 0  # a view: writing projects the shard
+            assert _local_row_range(tensor) == (0, 4, 1.0)
+        plain = torch.ones(2, 2)
+        assert _local_rows(plain) is plain
+
+    def test_a_column_shard_is_refused(self, one_process_mesh):
+        from torch.distributed.tensor import DTensor, Shard
+
+        from trl_nspo.constraint import _local_rows
+
+        tensor = DTensor.from_local(torch.ones(4, 3), one_process_mesh, [Shard(1)])
+        with pytest.raises(UnsupportedSetupError, match="needs whole rows"):
+            _local_rows(tensor)

@@ -42,10 +42,11 @@ from .targets import (
 PROJECTED_DRIFT_TOLERANCE = 1e-5
 
 _DEEPSPEED_MESSAGE = (
-    "NSPOTrainer does not support DeepSpeed: ZeRO steps its own float32 master copy of the weights and copies it back "
-    "over the parameters after every step, so a projection of the parameters or of `.grad` is overwritten and the "
-    "null-space guarantee silently fails (measured in docs/fsdp2_findings.md). Use FSDP2 (`fsdp_version: 2`, "
-    "examples/accelerate/fsdp2.yaml), DDP (`accelerate launch --multi_gpu`) or a single device."
+    "NSPOTrainer does not support DeepSpeed: ZeRO keeps the gradients in partitioned buffers (`p.grad` is None after "
+    "backward) and steps its own float32 master copy, which it writes back over the parameters, so NSPO's projections "
+    "would silently be lost (measured: bench/deepspeed_master_copy.py, docs/fsdp2_findings.md). Use FSDP2 "
+    "(`fsdp_version: 2`, examples/accelerate/fsdp2.yaml or fsdp2_qlora.yaml), DDP (`accelerate launch --multi_gpu`) "
+    "or a single device."
 )
 _FSDP1_MESSAGE = (
     "NSPOTrainer does not support FSDP1: its flat parameters cut the rows of the constrained weights, so no process "
