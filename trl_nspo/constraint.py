@@ -212,9 +212,27 @@ class _ConstrainedWeight:
     # GPT-2's `Conv1D` stores its weight as (d_in, d_out): the rows that must stay in the null space are its columns.
     transposed: bool = False
     # The rows (outputs) of the bound parameter this process holds: all of them, or a `DTensor`'s local shard under
-    # FSDP2; `anchor` and the columns of `base_outputs` are sliced by it. `row_weight` is 1/replicas of those rows.
+    # FSDP2, in which case `anchor` and the columns of `base_outputs` keep only those rows (cut once, at the first
+    # sharded binding, so that a rank holds no full copy of W₀). `row_weight` is 1/replicas of those rows.
     rows: slice = field(default_factory=lambda: slice(None))
     row_weight: float = 1.0
+
+    def keep_rows(self, rows: slice) -> None:
+        """Keeps only `rows` of the per-output data recorded before binding (a no-op when they are all kept)."""
+        if rows == self.rows:
+            return
+        if self.rows != slice(None):
+            raise NullSpaceError(
+                f"{self.module_name} was bound to rows {self.rows.start}:{self.rows.stop} and is now sharded as rows "
+                f"{rows.start}:{rows.stop}: the constraint keeps only the first binding's rows of W₀."
+            )
+        if self.anchor is not None:
+            self.anchor = self.anchor[rows].clone()
+        for name in ("base_outputs", "base_outputs_in_compute_dtype"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[:, rows].clone())
+        self.rows = rows
 
     def as_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` (laid out as the parameter) with one row per output, or back: the transpose is its own inverse."""
@@ -328,7 +346,7 @@ class _FullFineTuningStrategy:
         return []
 
     def projected_rows(self, entry: _ConstrainedWeight, rows: torch.Tensor) -> torch.Tensor:
-        anchor = entry.anchor[entry.rows]
+        anchor = entry.anchor
         if entry.basis.stores_null:
             return anchor + entry.basis.project_rows(rows - anchor)
         # W₀ + (W − W₀)·(I − R·Rᵀ) = W − (W·R − W₀·R)·Rᵀ
@@ -339,8 +357,8 @@ class _FullFineTuningStrategy:
         # The outputs of this process's rows only (all of them without sharding).
         weight_rows = entry.as_rows(_local_rows(entry.parameter.detach()))
         if dtype == torch.float32:
-            return entry.sketch_rows @ weight_rows.float().T - entry.base_outputs[:, entry.rows]
-        return _outputs_in(dtype, entry.sketch_rows, weight_rows) - entry.base_outputs_in_compute_dtype[:, entry.rows]
+            return entry.sketch_rows @ weight_rows.float().T - entry.base_outputs
+        return _outputs_in(dtype, entry.sketch_rows, weight_rows) - entry.base_outputs_in_compute_dtype
 
 
 class NullSpaceConstraint:
@@ -423,10 +441,12 @@ class NullSpaceConstraint:
                     "shards dim 0, the input dimension: no process holds whole rows to project. Full fine-tuning of "
                     "Conv1D models under FSDP2 is not supported; train them with LoRA, DDP or on one device."
                 )
-            entry.rows, entry.row_weight = slice(None), 1.0
+            entry.row_weight = 1.0
             if isinstance(output_rows, DTensor):
                 start, end, entry.row_weight = _local_row_range(output_rows)
-                entry.rows = slice(start, end)
+                # LoRA measures through B's local rows directly and keeps no per-row data.
+                if entry.anchor is not None or entry.base_outputs is not None:
+                    entry.keep_rows(slice(start, end))
             if entry.basis.basis.device != entry.parameter.device:
                 entry.to(entry.parameter.device)
         self._bound_modules = modules
