@@ -19,8 +19,8 @@ constrained weights after `prepare`, what `.grad` is in `training_step` and at `
 on the calibration inputs) and `parameters-rank{r}.safetensors` (the trained parameters, gathered from the shards,
 under their names without FSDP's activation-checkpoint wrapper) so the test can compare ranks and runs.
 
-`--trainer` names the trainer class (`module.Class`); today it is `trl.GRPOTrainer`, and switching it to
-`trl_nspo.NSPOTrainer` is all the test has to change once NSPOTrainer binds its constraint after `prepare`.
+`--trainer` names the trainer class (`module.Class`): `trl_nspo.NSPOTrainer` for the runs that must keep the general
+outputs, `trl.GRPOTrainer` for the control that moves them.
 """
 
 import argparse

@@ -2,7 +2,6 @@
 a prepared model, and the engine policy."""
 
 import copy
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -215,28 +214,141 @@ class TestEnginePolicy:
         accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=None))
         check_training_engine(self.arguments(tmp_path), accelerator, tiny_model)
 
+    @staticmethod
+    def accelerator(**plugins):
+        return SimpleNamespace(state=SimpleNamespace(**{"deepspeed_plugin": None, "fsdp_plugin": None, **plugins}))
+
+    @staticmethod
+    def fsdp_plugin(version=2, state_dict_type="SHARDED_STATE_DICT", activation_checkpointing=False):
+        return SimpleNamespace(
+            fsdp_version=version,
+            state_dict_type=f"StateDictType.{state_dict_type}",
+            activation_checkpointing=activation_checkpointing,
+        )
+
+    @pytest.fixture(autouse=True)
+    def no_launcher_environment(self, monkeypatch):
+        for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_VERSION", "FSDP_STATE_DICT_TYPE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv("FSDP_ACTIVATION_CHECKPOINTING", raising=False)
+
     @pytest.mark.parametrize(
-        "overrides, environment, state",
+        "overrides, environment, plugin",
         [
-            ({"fsdp": "full_shard"}, {}, {}),
-            ({}, {"ACCELERATE_USE_FSDP": "true"}, {}),
-            ({}, {"ACCELERATE_USE_DEEPSPEED": "true"}, {}),
-            ({}, {}, {"fsdp_plugin": object()}),
-            ({}, {}, {"deepspeed_plugin": object()}),
+            ({"fsdp": "full_shard", "fsdp_config": {"version": 2}}, {}, None),
+            ({}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, None),
+            ({}, {}, {}),
+            ({}, {}, {"state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": True}),
         ],
-        ids=["fsdp-argument", "fsdp-launch", "deepspeed-launch", "fsdp-config", "deepspeed-config"],
+        ids=["fsdp2-argument", "fsdp2-launch", "fsdp2-config", "fsdp2-full-state-dict-checkpointing"],
     )
-    def test_fsdp_and_deepspeed_are_refused(self, tmp_path, monkeypatch, overrides, environment, state):
+    @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+    def test_fsdp2_is_accepted_for_lora_and_full_fine_tuning(
+        self, tmp_path, monkeypatch, overrides, environment, plugin, peft
+    ):
         arguments = self.arguments(tmp_path, **overrides)
         for name, value in environment.items():
             monkeypatch.setenv(name, value)
-        plugins = {"deepspeed_plugin": None, "fsdp_plugin": None, **state}
-        accelerator = SimpleNamespace(state=SimpleNamespace(**plugins))
-        with pytest.raises(UnsupportedSetupError, match="does not support DeepSpeed, FSDP") as error:
+        accelerator = self.accelerator(fsdp_plugin=None if plugin is None else self.fsdp_plugin(**plugin))
+        check_training_engine(arguments, accelerator, peft=peft)
+
+    @pytest.mark.parametrize(
+        "overrides, environment, plugin",
+        [
+            ({"fsdp": "full_shard", "fsdp_config": {"version": 1}}, {}, None),
+            ({}, {"ACCELERATE_USE_FSDP": "true"}, None),  # Accelerate's default version is 1
+            ({}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, None),
+            ({}, {}, {"version": 1}),
+        ],
+        ids=["fsdp1-argument", "fsdp-launch-default", "fsdp1-launch", "fsdp1-config"],
+    )
+    def test_fsdp1_is_refused(self, tmp_path, monkeypatch, overrides, environment, plugin):
+        arguments = self.arguments(tmp_path, **overrides)
+        for name, value in environment.items():
+            monkeypatch.setenv(name, value)
+        accelerator = self.accelerator(fsdp_plugin=None if plugin is None else self.fsdp_plugin(**plugin))
+        with pytest.raises(UnsupportedSetupError, match="does not support FSDP1") as error:
             check_training_engine(arguments, accelerator)
-        assert "Use single-device or DDP training" in str(error.value)
-        assert os.environ.get("ACCELERATE_USE_FSDP") == environment.get("ACCELERATE_USE_FSDP")
+        assert "fsdp_version: 2" in str(error.value)
+
+    @pytest.mark.parametrize(
+        "environment, state",
+        [({"ACCELERATE_USE_DEEPSPEED": "true"}, {}), ({}, {"deepspeed_plugin": object()})],
+        ids=["deepspeed-launch", "deepspeed-config"],
+    )
+    def test_deepspeed_is_refused_with_the_reason(self, tmp_path, monkeypatch, environment, state):
+        arguments = self.arguments(tmp_path)
+        for name, value in environment.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(UnsupportedSetupError, match="does not support DeepSpeed") as error:
+            check_training_engine(arguments, self.accelerator(**state))
+        assert "master copy" in str(error.value) and "FSDP2" in str(error.value)
+
+    @pytest.mark.parametrize(
+        "environment, plugin",
+        [
+            ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"}, None),
+            ({}, {"activation_checkpointing": True}),
+        ],
+        ids=["launch", "config"],
+    )
+    def test_lora_with_sharded_checkpoints_and_activation_checkpointing_is_refused(
+        self, tmp_path, monkeypatch, environment, plugin
+    ):
+        arguments = self.arguments(tmp_path)
+        for name, value in environment.items():
+            monkeypatch.setenv(name, value)
+        accelerator = self.accelerator(fsdp_plugin=None if plugin is None else self.fsdp_plugin(**plugin))
+        with pytest.raises(UnsupportedSetupError, match="hold no adapter") as error:
+            check_training_engine(arguments, accelerator, peft=True)
+        assert "FULL_STATE_DICT" in str(error.value) and "activation_checkpointing" in str(error.value)
+        # Full fine-tuning checkpoints the whole model: nothing is lost.
+        check_training_engine(arguments, accelerator, peft=False)
+
+    def test_a_model_sharded_at_load_time_is_refused(self, tmp_path, tiny_model, monkeypatch):
+        monkeypatch.setattr("trl_nspo.constraint.DTensor", torch.nn.Parameter)
+        with pytest.raises(UnsupportedSetupError, match="models sharded at load time"):
+            check_training_engine(self.arguments(tmp_path), self.accelerator(), tiny_model)
 
 
 def _module(model, entry):
     return modules_by_canonical_name(model)[entry.module_name]
+
+
+@pytest.fixture
+def one_process_mesh(tmp_path):
+    """A one-process gloo group and device mesh, destroyed afterwards (DTensors need a mesh)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+class TestDTensorRows:
+    def test_row_shards_and_replicas_give_their_local_tensor_to_write_to(self, one_process_mesh):
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        from trl_nspo.constraint import _local_row_range, _local_rows
+
+        for placement in (Shard(0), Replicate()):
+            whole = torch.arange(12.0).reshape(4, 3)
+            tensor = DTensor.from_local(whole.clone(), one_process_mesh, [placement])
+            rows = _local_rows(tensor)
+            assert not isinstance(rows, DTensor) and torch.equal(rows, whole)
+            rows.zero_()
+            assert tensor.to_local().abs().sum() == 0  # a view: writing projects the shard
+            assert _local_row_range(tensor) == (0, 4, 1.0)
+        plain = torch.ones(2, 2)
+        assert _local_rows(plain) is plain
+
+    def test_a_column_shard_is_refused(self, one_process_mesh):
+        from torch.distributed.tensor import DTensor, Shard
+
+        from trl_nspo.constraint import _local_rows
+
+        tensor = DTensor.from_local(torch.ones(4, 3), one_process_mesh, [Shard(1)])
+        with pytest.raises(UnsupportedSetupError, match="needs whole rows"):
+            _local_rows(tensor)

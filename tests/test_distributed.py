@@ -128,14 +128,28 @@ class TestDDP:
 
 
 class TestRefusedEngines:
-    @pytest.mark.parametrize("version", [1, 2])
-    def test_fsdp_arguments_are_refused_before_loading_anything(self, tmp_path, version):
-        args = NSPOConfig(**config(tmp_path, fsdp="full_shard", fsdp_config={"version": version}))
-        with pytest.raises(UnsupportedSetupError, match="does not support DeepSpeed, FSDP"):
+    def test_fsdp1_arguments_are_refused_before_loading_anything(self, tmp_path):
+        args = NSPOConfig(**config(tmp_path, fsdp="full_shard", fsdp_config={"version": 1}))
+        with pytest.raises(UnsupportedSetupError, match="does not support FSDP1"):
             NSPOTrainer("/does/not/exist", length_reward, args, train_dataset=TRAIN, calibration_dataset=CALIBRATION)
+
+    def test_lora_with_fsdp2_sharded_checkpoints_and_activation_checkpointing_is_refused_before_loading(
+        self, tmp_path
+    ):
+        fsdp_config = {"version": 2, "activation_checkpointing": True, "state_dict_type": "SHARDED_STATE_DICT"}
+        args = NSPOConfig(**config(tmp_path, fsdp="full_shard", fsdp_config=fsdp_config))
+        with pytest.raises(UnsupportedSetupError, match="hold no adapter"):
+            NSPOTrainer(
+                "/does/not/exist",
+                length_reward,
+                args,
+                train_dataset=TRAIN,
+                calibration_dataset=CALIBRATION,
+                peft_config=lora(),
+            )
 
     def test_fsdp_from_accelerate_launch_is_refused(self, tmp_path, monkeypatch):
         args = NSPOConfig(**config(tmp_path))
-        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-        with pytest.raises(UnsupportedSetupError, match="does not support DeepSpeed, FSDP"):
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # Accelerate's default `FSDP_VERSION` is 1
+        with pytest.raises(UnsupportedSetupError, match="does not support FSDP1"):
             NSPOTrainer("/does/not/exist", length_reward, args, train_dataset=TRAIN, calibration_dataset=CALIBRATION)

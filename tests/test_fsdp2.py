@@ -2,9 +2,9 @@
 projection NSPO needs there, checked under `fully_shard` by hand. Findings: docs/fsdp2_findings.md.
 
 `TestAccelerateFSDP2` launches `examples/accelerate/fsdp2.yaml` itself (`accelerate launch`, 2 processes, float32)
-on `tests/fsdp2_worker.py`, with plain `GRPOTrainer` (`TRAINER`) today. Once NSPOTrainer binds its constraint after
-`accelerator.prepare`, the same runs with `--trainer trl_nspo.NSPOTrainer` must keep the output change ≤ 1e-6, while
-these GRPO runs stay the control that moves it by ≥ 1e-3.
+on `tests/fsdp2_worker.py`: NSPOTrainer (`NSPO`), which binds its constraint after `accelerator.prepare` and projects
+each rank's row shards, must keep the output change on the calibration inputs ≤ 1e-6 for LoRA and full fine-tuning,
+while the same runs with plain `GRPOTrainer` (`GRPO`) are the control that moves it by ≥ 1e-3.
 """
 
 import json
@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 from test_distributed import WORLD_SIZE, launch_on_two_processes, reports, run_on_two_processes
 
-TRAINER = "trl.GRPOTrainer"
+GRPO = "trl.GRPOTrainer"
+NSPO = "trl_nspo.NSPOTrainer"
 FSDP2_EXAMPLE = Path(__file__).parents[1] / "examples" / "accelerate" / "fsdp2.yaml"
 # Full fine-tuning resumes from the example's SHARDED_STATE_DICT checkpoints. LoRA resumes from FULL_STATE_DICT ones
 # (as in fsdp2_qlora.yaml): with activation checkpointing, a sharded checkpoint of a PEFT model holds no adapter.
@@ -40,9 +41,11 @@ def accelerate_fsdp2(state_dict_type: str) -> list[str]:
     ]
 
 
-def run_fsdp2_worker(model_dir: Path, output_dir: Path, mode: str, *worker_args: str, state_dict_type=None) -> Path:
+def run_fsdp2_worker(
+    model_dir: Path, output_dir: Path, mode: str, *worker_args: str, state_dict_type=None, trainer=NSPO
+) -> Path:
     launcher = accelerate_fsdp2(state_dict_type or STATE_DICT_TYPE[mode])
-    args = ("--mode", mode, "--trainer", TRAINER, *worker_args)
+    args = ("--mode", mode, "--trainer", trainer, *worker_args)
     return run_on_two_processes("fsdp2_worker.py", model_dir, output_dir, *args, launcher=launcher)
 
 
@@ -71,6 +74,14 @@ def fsdp2_runs(request, tiny_model_dir, tmp_path_factory) -> tuple[str, Path, Pa
     return mode, uninterrupted, resumed
 
 
+@pytest.fixture(scope="module", params=["lora", "full"])
+def grpo_control_run(request, tiny_model_dir, tmp_path_factory) -> Path:
+    """The same uninterrupted 4-step run with plain GRPOTrainer: nothing keeps the general outputs."""
+    return run_fsdp2_worker(
+        tiny_model_dir, tmp_path_factory.mktemp(f"grpo-{request.param}"), request.param, trainer=GRPO
+    )
+
+
 @pytest.mark.slow
 class TestFullyShardByHand:
     def test_projecting_each_ranks_rows_is_projecting_the_whole_matrix(self, fully_shard_reports):
@@ -87,7 +98,7 @@ class TestFullyShardByHand:
 
     def test_a_constraint_bound_before_sharding_silently_does_nothing(self, fully_shard_reports):
         # `fully_shard` replaces every parameter: a constraint bound before sharding and never bound again projects
-        # stale tensors. NSPOTrainer binds again after `prepare`; FSDP stays refused until it projects local shards.
+        # stale tensors. NSPOTrainer binds again after `prepare` (`on_train_begin`) and projects the local shards.
         for report in fully_shard_reports:
             stale = report["bound_before_sharding"]
             assert stale["bound_parameters_in_model"] == 0
@@ -121,7 +132,7 @@ class TestAccelerateFSDP2:
         # Why the worker switches the CPU state: Accelerate keeps FSDP only for accelerator process groups and drops
         # the plugin for `MULTI_CPU`, without a warning. If this fails, Accelerate runs FSDP on CPU by itself and the
         # worker's switch can go.
-        run_fsdp2_worker(tiny_model_dir, tmp_path, "lora", "--max-steps", "1", "--without-fsdp-on-cpu")
+        run_fsdp2_worker(tiny_model_dir, tmp_path, "lora", "--max-steps", "1", "--without-fsdp-on-cpu", trainer=GRPO)
         for report in reports(tmp_path):
             assert report["world_size"] == WORLD_SIZE
             assert report["distributed_type"] == "DistributedType.MULTI_CPU"
@@ -146,16 +157,31 @@ class TestAccelerateFSDP2:
                 assert gradient["placements"] == parameter["placements"]
                 assert gradient["local_shape"] == parameter["local_shape"]
 
-    def test_ranks_agree_and_unconstrained_training_changes_general_outputs(self, fsdp2_runs):
+    def test_ranks_agree_and_nspo_keeps_general_outputs(self, fsdp2_runs):
         _, uninterrupted, _ = fsdp2_runs
         first, second = parameters(uninterrupted, 0), parameters(uninterrupted, 1)
         assert first.keys() == second.keys()
         for name in first:
             assert torch.equal(first[name], second[name]), name
-        changes = [report["output_change"] for report in reports(uninterrupted)]
-        assert changes[0] == changes[1]
-        # The control: GRPO moves the outputs on the calibration inputs; NSPO must keep them within 1e-6.
-        assert changes[0] >= 1e-3
+        first_report, second_report = reports(uninterrupted)
+        assert first_report["output_change"] == second_report["output_change"]
+        assert first_report["output_change"] <= 1e-6
+        # The logged measurements sum squares over the ranks' shards: every rank logs the same, global values.
+        metrics = [
+            [{k: v for k, v in h.items() if k.startswith("nspo/")} for h in r["log_history"]]
+            for r in reports(uninterrupted)
+        ]
+        assert metrics[0] == metrics[1]
+        logged = [h for h in metrics[0] if "nspo/kept_gradient_fraction" in h]
+        assert logged and all(0 < h["nspo/kept_gradient_fraction"] < 1 for h in logged)
+        assert all(h["nspo/preservation_error"] <= 1e-6 for h in metrics[0] if "nspo/preservation_error" in h)
+
+    def test_unconstrained_grpo_changes_general_outputs(self, grpo_control_run):
+        # The control: the same run with plain GRPOTrainer moves the outputs on the calibration inputs.
+        first, second = reports(grpo_control_run)
+        assert first["fsdp_version"] == 2 and first["global_step"] == 4
+        assert first["output_change"] == second["output_change"]
+        assert first["output_change"] >= 1e-3
 
     def test_resume_is_bitwise_equal_to_the_uninterrupted_run(self, fsdp2_runs):
         _, uninterrupted, resumed = fsdp2_runs
@@ -175,7 +201,13 @@ class TestAccelerateFSDP2:
         # `get_peft_model_state_dict`, which finds nothing once FSDP's activation checkpointing has wrapped the decoder
         # layers: the checkpoint holds no adapter, and the run resumes from B = 0, silently.
         trained = run_fsdp2_worker(
-            tiny_model_dir, tmp_path / "trained", "lora", "--max-steps", "2", state_dict_type="SHARDED_STATE_DICT"
+            tiny_model_dir,
+            tmp_path / "trained",
+            "lora",
+            "--max-steps",
+            "2",
+            state_dict_type="SHARDED_STATE_DICT",
+            trainer=GRPO,
         )
         resumed = run_fsdp2_worker(
             tiny_model_dir,
@@ -186,17 +218,26 @@ class TestAccelerateFSDP2:
             "--resume-from",
             str(trained / "checkpoint-2"),
             state_dict_type="SHARDED_STATE_DICT",
+            trainer=GRPO,
         )
         fresh = reports(trained)[0]["trainable_norm_at_train_begin"]
         assert reports(trained)[0]["trainable_norm_at_train_end"] != fresh
         assert reports(resumed)[0]["trainable_norm_at_train_begin"] == fresh
+
+    def test_nspo_refuses_lora_with_sharded_checkpoints_and_activation_checkpointing(self, tiny_model_dir, tmp_path):
+        launcher = accelerate_fsdp2("SHARDED_STATE_DICT")
+        worker_args = ("--mode", "lora", "--trainer", NSPO, "--max-steps", "1")
+        result = launch_on_two_processes("fsdp2_worker.py", tiny_model_dir, tmp_path, *worker_args, launcher=launcher)
+        assert result.returncode != 0
+        assert "UnsupportedSetupError" in result.stderr
+        assert "hold no adapter" in result.stderr and "FULL_STATE_DICT" in result.stderr
 
     def test_generate_without_fsdp_registration_fails_as_trl_4550(self, tiny_model_dir, tmp_path):
         # TRL #4550: GRPO's `unwrapped_model.generate` under FSDP2 + PEFT calls the inner model's forward, which
         # bypasses the root FSDP module's unshard hook. transformers' Trainer registers `generate` as an FSDP forward
         # method after `prepare` (huggingface/transformers#42436); without it, plain GRPOTrainer fails at once.
         launcher = accelerate_fsdp2(STATE_DICT_TYPE["lora"])
-        worker_args = ("--mode", "lora", "--trainer", TRAINER, "--max-steps", "1", "--without-generate-registration")
+        worker_args = ("--mode", "lora", "--trainer", GRPO, "--max-steps", "1", "--without-generate-registration")
         result = launch_on_two_processes("fsdp2_worker.py", tiny_model_dir, tmp_path, *worker_args, launcher=launcher)
         assert result.returncode != 0
         error = json.loads((tmp_path / "report-rank0.json").read_text())["error"]

@@ -620,7 +620,7 @@ class TestRefusals:
     def test_deepspeed_is_refused_before_loading_anything(self, tiny_model_dir, tmp_path, monkeypatch):
         args = NSPOConfig(**config(tmp_path))
         monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-        with pytest.raises(UnsupportedSetupError, match="does not support DeepSpeed, FSDP"):
+        with pytest.raises(UnsupportedSetupError, match="does not support DeepSpeed: .*master copy.*Use FSDP2"):
             NSPOTrainer("/does/not/exist", length_reward, args, train_dataset=TRAIN, calibration_dataset=CALIBRATION)
 
     @pytest.mark.parametrize(

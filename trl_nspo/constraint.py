@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import TrainingArguments
 from transformers.pytorch_utils import Conv1D
 
@@ -40,21 +41,66 @@ from .targets import (
 # projection, which leaves float32 rounding (~1e-7): binding projects them, and leaves them bitwise alone below it.
 PROJECTED_DRIFT_TOLERANCE = 1e-5
 
-_ENGINE_MESSAGE = (
-    "NSPOTrainer does not support DeepSpeed, FSDP or models sharded at load time (`distributed_config`, `tp_plan`) "
-    "yet: they shard or hide `.grad` and overwrite parameters from their own master copies, so the null-space "
-    "projection would silently do nothing. Use single-device or DDP training (`accelerate launch --multi_gpu`), with "
-    "QLoRA for large models."
+_DEEPSPEED_MESSAGE = (
+    "NSPOTrainer does not support DeepSpeed: ZeRO keeps the gradients in partitioned buffers (`p.grad` is None after "
+    "backward) and steps its own float32 master copy, which it writes back over the parameters, so NSPO's projections "
+    "would silently be lost (measured: bench/deepspeed_master_copy.py, docs/fsdp2_findings.md). Use FSDP2 "
+    "(`fsdp_version: 2`, examples/accelerate/fsdp2.yaml or fsdp2_qlora.yaml), DDP (`accelerate launch --multi_gpu`) "
+    "or a single device."
+)
+_FSDP1_MESSAGE = (
+    "NSPOTrainer does not support FSDP1: its flat parameters cut the rows of the constrained weights, so no process "
+    "holds whole rows to project. Use FSDP2 (`fsdp_version: 2` in the Accelerate config, or "
+    "`fsdp_config={'version': 2}`), see examples/accelerate/fsdp2.yaml."
+)
+_LOAD_TIME_SHARDING_MESSAGE = (
+    "NSPOTrainer does not support models sharded at load time (`distributed_config`, `tp_plan`): their parameters "
+    "are sharded before the constraint is built, by placements the projection cannot act on. Load the model whole "
+    "and let FSDP2 shard it at `prepare` (examples/accelerate/fsdp2.yaml)."
+)
+_PEFT_SHARDED_CHECKPOINT_MESSAGE = (
+    "NSPOTrainer refuses LoRA under FSDP2 with SHARDED_STATE_DICT checkpoints and activation checkpointing together: "
+    "Accelerate saves the adapter through PEFT's `get_peft_model_state_dict`, which finds nothing once activation "
+    "checkpointing has wrapped the decoder layers, so checkpoints silently hold no adapter and a resume starts from a "
+    "fresh one (docs/fsdp2_findings.md). Use `fsdp_state_dict_type: FULL_STATE_DICT` "
+    "(examples/accelerate/fsdp2_qlora.yaml) or turn off `fsdp_activation_checkpointing`."
 )
 
 
-def check_training_engine(args: TrainingArguments, accelerator=None, model: nn.Module | None = None) -> None:
+def _fsdp_settings(args: TrainingArguments, accelerator) -> tuple[int, str, bool] | None:
+    """(version, state-dict type, activation checkpointing) of the FSDP the run uses, or `None` without FSDP: from
+    Accelerate's plugin when the accelerator exists, else from what `accelerate launch` or `args.fsdp` set."""
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    if plugin is not None:
+        state_dict_type = str(plugin.state_dict_type).rsplit(".", 1)[-1]
+        return int(plugin.fsdp_version), state_dict_type, bool(plugin.activation_checkpointing)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        version = int(os.environ.get("FSDP_VERSION", "1"))
+        default_type = "FULL_STATE_DICT" if version == 1 else "SHARDED_STATE_DICT"
+        state_dict_type = os.environ.get("FSDP_STATE_DICT_TYPE", default_type).upper()
+        checkpointing = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() in ("1", "true", "yes")
+        return version, state_dict_type, checkpointing
+    if args.fsdp:
+        fsdp_config = args.fsdp_config or {}
+        version = int(fsdp_config.get("version", 2))
+        state_dict_type = str(fsdp_config.get("state_dict_type", "SHARDED_STATE_DICT")).upper()
+        checkpointing = bool(fsdp_config.get("activation_checkpointing", False))
+        return version, state_dict_type, checkpointing
+    return None
+
+
+def check_training_engine(
+    args: TrainingArguments, accelerator=None, model: nn.Module | None = None, peft: bool | None = None
+) -> None:
     """
     The engine policy: refuses the training engines under which the projection would not act on what is trained.
 
     Single-device and DDP training keep the guarantee exactly: every process holds whole parameters and, once DDP has
-    averaged them, whole gradients, and the optimizer steps those. DeepSpeed, FSDP and models sharded at load time
-    shard or hide `.grad` and step their own master copies: they are refused.
+    averaged them, whole gradients, and the optimizer steps those. FSDP2 keeps it too: it shards every parameter, its
+    gradient and its optimizer state by rows (`Shard(0)`) and steps those shards, and the projection acts on whole
+    rows, so each process projects the rows it holds (see [`_local_rows`]). Refused: DeepSpeed (it steps its own
+    float32 master copy), FSDP1 (flat parameters cut rows), models sharded at load time, and LoRA with
+    SHARDED_STATE_DICT checkpoints plus activation checkpointing (the checkpoints hold no adapter).
 
     Args:
         args ([`~transformers.TrainingArguments`]):
@@ -63,28 +109,80 @@ def check_training_engine(args: TrainingArguments, accelerator=None, model: nn.M
         accelerator ([`~accelerate.Accelerator`], *optional*):
             The trainer's accelerator, whose state also knows engines turned on by accelerate's own config.
         model (`nn.Module`, *optional*):
-            The model, whose parameters are `DTensor`s when it was sharded at load time.
+            The model before `prepare`, whose parameters are `DTensor`s when it was sharded at load time.
+        peft (`bool`, *optional*):
+            Whether LoRA trains; found from `model` when not given.
 
     Raises:
-        [`UnsupportedSetupError`]: saying what is supported instead.
+        [`UnsupportedSetupError`]: saying why, and what is supported instead.
     """
     uses_deepspeed = args.deepspeed is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
-    uses_fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false") == "true"
     if accelerator is not None:
         uses_deepspeed = uses_deepspeed or getattr(accelerator.state, "deepspeed_plugin", None) is not None
-        uses_fsdp = uses_fsdp or getattr(accelerator.state, "fsdp_plugin", None) is not None
-    sharded = model is not None and any(isinstance(parameter, DTensor) for parameter in model.parameters())
-    if uses_deepspeed or uses_fsdp or sharded:
-        raise UnsupportedSetupError(_ENGINE_MESSAGE)
+    if uses_deepspeed:
+        raise UnsupportedSetupError(_DEEPSPEED_MESSAGE)
+    if model is not None and any(isinstance(parameter, DTensor) for parameter in model.parameters()):
+        raise UnsupportedSetupError(_LOAD_TIME_SHARDING_MESSAGE)
+    fsdp = _fsdp_settings(args, accelerator)
+    if fsdp is None:
+        return
+    version, state_dict_type, activation_checkpointing = fsdp
+    if version != 2:
+        raise UnsupportedSetupError(_FSDP1_MESSAGE)
+    if peft is None:
+        peft = model is not None and is_lora_model(model)
+    if peft and state_dict_type == "SHARDED_STATE_DICT" and activation_checkpointing:
+        raise UnsupportedSetupError(_PEFT_SHARDED_CHECKPOINT_MESSAGE)
 
 
 def _local_rows(tensor: torch.Tensor) -> torch.Tensor:
     """
-    The rows of a constrained parameter (or of its gradient) that this process projects, as a view to write to: all
-    of them, since the supported engines hold whole parameters. An engine that shards parameters by rows (FSDP2's
-    `DTensor`) would return its local shard here: projecting whole rows is the same on every shard.
+    The rows of a constrained parameter (or of its gradient) that this process projects, as a view to write to: the
+    whole tensor, or a `DTensor`'s local shard when FSDP2 shards it by rows (`Shard(0)`) or replicates it. Projecting
+    whole rows is the same on every shard, so this is exact; any other placement (a column shard holds part of every
+    row) is refused.
     """
-    return tensor
+    if not isinstance(tensor, DTensor):
+        return tensor
+    _check_placements(tensor)
+    return tensor.to_local()
+
+
+def _check_placements(tensor: DTensor) -> None:
+    if not all(placement.is_replicate() or placement.is_shard(0) for placement in tensor.placements):
+        raise UnsupportedSetupError(
+            f"A constrained parameter is sharded as {tensor.placements}: the null-space projection needs whole rows "
+            "on each process, i.e. `Shard(0)` (FSDP2's default) or `Replicate()`."
+        )
+
+
+def _local_row_range(tensor: torch.Tensor) -> tuple[int, int, float]:
+    """(first row, end row, weight) of the rows this process holds; the weight (1/replicas) makes sums of squares
+    over processes count every row once when they are all-reduced."""
+    if not isinstance(tensor, DTensor):
+        return 0, tensor.shape[0], 1.0
+    _check_placements(tensor)
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    replicas = 1
+    for dim, placement in enumerate(tensor.placements):
+        if placement.is_replicate():
+            replicas *= tensor.device_mesh.size(dim)
+    start = offset[0] if len(offset) else 0
+    return start, start + shape[0], 1.0 / replicas
+
+
+def _row_weight(tensor: torch.Tensor) -> float:
+    return _local_row_range(tensor)[2] if isinstance(tensor, DTensor) else 1.0
+
+
+def _all_reduce_sum(values: list[float], sharded: DTensor | None) -> list[float]:
+    """`values` summed over the processes of `sharded`'s mesh (unchanged when nothing is sharded)."""
+    if sharded is None or not values:
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=sharded.to_local().device)
+    for dim in range(sharded.device_mesh.ndim):
+        torch.distributed.all_reduce(total, group=sharded.device_mesh.get_group(dim))
+    return total.tolist()
 
 
 @dataclass
@@ -113,6 +211,28 @@ class _ConstrainedWeight:
     base_output_norm: float = 0.0
     # GPT-2's `Conv1D` stores its weight as (d_in, d_out): the rows that must stay in the null space are its columns.
     transposed: bool = False
+    # The rows (outputs) of the bound parameter this process holds: all of them, or a `DTensor`'s local shard under
+    # FSDP2, in which case `anchor` and the columns of `base_outputs` keep only those rows (cut once, at the first
+    # sharded binding, so that a rank holds no full copy of W₀). `row_weight` is 1/replicas of those rows.
+    rows: slice = field(default_factory=lambda: slice(None))
+    row_weight: float = 1.0
+
+    def keep_rows(self, rows: slice) -> None:
+        """Keeps only `rows` of the per-output data recorded before binding (a no-op when they are all kept)."""
+        if rows == self.rows:
+            return
+        if self.rows != slice(None):
+            raise NullSpaceError(
+                f"{self.module_name} was bound to rows {self.rows.start}:{self.rows.stop} and is now sharded as rows "
+                f"{rows.start}:{rows.stop}: the constraint keeps only the first binding's rows of W₀."
+            )
+        if self.anchor is not None:
+            self.anchor = self.anchor[rows].clone()
+        for name in ("base_outputs", "base_outputs_in_compute_dtype"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[:, rows].clone())
+        self.rows = rows
 
     def as_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` (laid out as the parameter) with one row per output, or back: the transpose is its own inverse."""
@@ -121,10 +241,10 @@ class _ConstrainedWeight:
     def to(self, device: torch.device) -> None:
         """Moves what was recorded before binding to the device of the bound parameter."""
         self.basis = self.basis.to(device=device)
-        for field in ("anchor", "sketch_rows", "base_outputs", "base_outputs_in_compute_dtype"):
-            value = getattr(self, field)
+        for name in ("anchor", "sketch_rows", "base_outputs", "base_outputs_in_compute_dtype"):
+            value = getattr(self, name)
             if value is not None:
-                setattr(self, field, value.to(device))
+                setattr(self, name, value.to(device))
 
 
 class _Strategy(Protocol):
@@ -138,6 +258,10 @@ class _Strategy(Protocol):
 
     def parameter(self, module: nn.Module, entry: _ConstrainedWeight) -> nn.Parameter:
         """`entry`'s parameter in `module`, a constrained module of the model being bound."""
+
+    def output_rows(self, module: nn.Module, entry: _ConstrainedWeight) -> torch.Tensor:
+        """The parameter with one row per output of `entry`'s layer (LoRA B, or the weight): which of its rows this
+        process holds decides which outputs it measures."""
 
     def free_parameters(self, module: nn.Module) -> list[nn.Parameter]:
         """The parameters of a constrained module that train freely without changing its general-task outputs."""
@@ -173,6 +297,9 @@ class _LoraStrategy:
     def parameter(self, module: nn.Module, entry: _ConstrainedWeight) -> nn.Parameter:
         return lora_factors(module, entry.adapter)[0]
 
+    def output_rows(self, module: nn.Module, entry: _ConstrainedWeight) -> torch.Tensor:
+        return lora_factors(module, entry.adapter)[1]
+
     def free_parameters(self, module: nn.Module) -> list[nn.Parameter]:
         return [lora_factors(module, adapter)[1] for adapter in lora_adapters(module)]
 
@@ -181,8 +308,13 @@ class _LoraStrategy:
 
     def output_change(self, entry: _ConstrainedWeight, module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         lora_a, lora_b, scaling = lora_factors(module, entry.adapter)
+        # Under FSDP2, the outputs of this process's rows of B (`entry.rows`, bound from B too), through all of A
+        # (r × d_in, small: gathered, a collective every process runs in the same order).
+        lora_a = lora_a.detach()
+        if isinstance(lora_a, DTensor):
+            lora_a = lora_a.full_tensor()
         hidden = entry.sketch_rows.to(dtype) @ lora_a.to(dtype).T
-        return (hidden @ lora_b.to(dtype).T * scaling).float()
+        return (hidden @ _local_rows(lora_b.detach()).to(dtype).T * scaling).float()
 
 
 class _FullFineTuningStrategy:
@@ -207,20 +339,25 @@ class _FullFineTuningStrategy:
     def parameter(self, module: nn.Module, entry: _ConstrainedWeight) -> nn.Parameter:
         return module.weight
 
+    def output_rows(self, module: nn.Module, entry: _ConstrainedWeight) -> torch.Tensor:
+        return module.weight
+
     def free_parameters(self, module: nn.Module) -> list[nn.Parameter]:
         return []
 
     def projected_rows(self, entry: _ConstrainedWeight, rows: torch.Tensor) -> torch.Tensor:
+        anchor = entry.anchor
         if entry.basis.stores_null:
-            return entry.anchor + entry.basis.project_rows(rows - entry.anchor)
+            return anchor + entry.basis.project_rows(rows - anchor)
         # W₀ + (W − W₀)·(I − R·Rᵀ) = W − (W·R − W₀·R)·Rᵀ
         basis = entry.basis.basis
-        return rows - (rows @ basis - entry.anchor) @ basis.T
+        return rows - (rows @ basis - anchor) @ basis.T
 
     def output_change(self, entry: _ConstrainedWeight, module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        # The outputs of this process's rows only (all of them without sharding).
+        weight_rows = entry.as_rows(_local_rows(entry.parameter.detach()))
         if dtype == torch.float32:
-            return entry.sketch_rows @ entry.as_rows(entry.parameter.float()).T - entry.base_outputs
-        weight_rows = entry.as_rows(entry.parameter)
+            return entry.sketch_rows @ weight_rows.float().T - entry.base_outputs
         return _outputs_in(dtype, entry.sketch_rows, weight_rows) - entry.base_outputs_in_compute_dtype
 
 
@@ -273,6 +410,7 @@ class NullSpaceConstraint:
                 self.weights.append(entry)
         self._module_names = list(modules)
         self._bound_modules: dict[str, nn.Module] | None = None
+        self._sharded: DTensor | None = None
 
     def bind(self, model: nn.Module, project: bool = True) -> float:
         """
@@ -294,10 +432,26 @@ class NullSpaceConstraint:
         """
         modules = self._modules_in(model)
         for entry in self.weights:
-            entry.parameter = self._strategy.parameter(modules[entry.module_name], entry)
+            module = modules[entry.module_name]
+            entry.parameter = self._strategy.parameter(module, entry)
+            output_rows = self._strategy.output_rows(module, entry)
+            if entry.transposed and isinstance(output_rows, DTensor):
+                raise UnsupportedSetupError(
+                    f"{entry.module_name} is a GPT-2 `Conv1D` (weight stored as d_in × d_out) sharded by FSDP2, which "
+                    "shards dim 0, the input dimension: no process holds whole rows to project. Full fine-tuning of "
+                    "Conv1D models under FSDP2 is not supported; train them with LoRA, DDP or on one device."
+                )
+            entry.row_weight = 1.0
+            if isinstance(output_rows, DTensor):
+                start, end, entry.row_weight = _local_row_range(output_rows)
+                # LoRA measures through B's local rows directly and keeps no per-row data.
+                if entry.anchor is not None or entry.base_outputs is not None:
+                    entry.keep_rows(slice(start, end))
             if entry.basis.basis.device != entry.parameter.device:
                 entry.to(entry.parameter.device)
         self._bound_modules = modules
+        # The first sharded parameter: its mesh sums the measurements' squares over the processes.
+        self._sharded = next((e.parameter for e in self.weights if isinstance(e.parameter, DTensor)), None)
         drift = self.drift()
         if project and drift > PROJECTED_DRIFT_TOLERANCE:
             self.project_parameters()
@@ -407,10 +561,12 @@ class NullSpaceConstraint:
             stored = _local_rows(entry.parameter.data)
             current = entry.as_rows(stored.float())
             projected = self._strategy.projected_rows(entry, current)
-            removed_sq += torch.linalg.matrix_norm(current - projected).item() ** 2
-            total_sq += torch.linalg.matrix_norm(current).item() ** 2
+            weight = _row_weight(entry.parameter)
+            removed_sq += weight * torch.linalg.matrix_norm(current - projected).item() ** 2
+            total_sq += weight * torch.linalg.matrix_norm(current).item() ** 2
             if write:
                 stored.copy_(entry.as_rows(projected).to(stored.dtype))
+        removed_sq, total_sq = _all_reduce_sum([removed_sq, total_sq], self._sharded)
         return math.sqrt(removed_sq / total_sq) if total_sq > 0 else 0.0
 
     @torch.no_grad()
@@ -430,9 +586,11 @@ class NullSpaceConstraint:
                 continue
             gradient = _local_rows(entry.parameter.grad)
             projected = entry.as_rows(entry.basis.project_rows(entry.as_rows(gradient.float())))
-            total_sq += torch.linalg.matrix_norm(gradient.float()).item() ** 2
-            kept_sq += torch.linalg.matrix_norm(projected).item() ** 2
+            weight = _row_weight(entry.parameter.grad)
+            total_sq += weight * torch.linalg.matrix_norm(gradient.float()).item() ** 2
+            kept_sq += weight * torch.linalg.matrix_norm(projected).item() ** 2
             gradient.copy_(projected.to(gradient.dtype))
+        kept_sq, total_sq = _all_reduce_sum([kept_sq, total_sq], self._sharded)
         if total_sq == 0.0:
             return None
         return math.sqrt(kept_sq / total_sq)
@@ -467,19 +625,22 @@ class NullSpaceConstraint:
 
     def _preservation_error(self, in_compute_dtype: bool) -> dict[str, float]:
         modules = self._bound()
+        measured = [entry for entry in self.weights if entry.sketch_rows is not None]
+        # Each process measures the outputs of the rows it holds; the squares are summed over processes.
+        local_sq = []
+        for entry in measured:
+            dtype = self.compute_dtype(entry) if in_compute_dtype else torch.float32
+            delta = self._strategy.output_change(entry, modules[entry.module_name], dtype)
+            local_sq.append(entry.row_weight * torch.linalg.matrix_norm(delta.double()).item() ** 2)
+        local_sq = _all_reduce_sum(local_sq, self._sharded)
         delta_sq = 0.0
         base_sq = 0.0
         worst = 0.0
-        for entry in self.weights:
-            if entry.sketch_rows is None:
-                continue
-            dtype = self.compute_dtype(entry) if in_compute_dtype else torch.float32
-            delta = self._strategy.output_change(entry, modules[entry.module_name], dtype)
-            delta_norm = torch.linalg.matrix_norm(delta.double()).item()
-            delta_sq += delta_norm**2
+        for entry, entry_sq in zip(measured, local_sq, strict=True):
+            delta_sq += entry_sq
             base_sq += entry.base_output_norm**2
             if entry.base_output_norm > 0:
-                worst = max(worst, delta_norm / entry.base_output_norm)
+                worst = max(worst, math.sqrt(entry_sq) / entry.base_output_norm)
         if base_sq == 0.0:
             return {}
         return {"mean": math.sqrt(delta_sq / base_sq), "max": worst}

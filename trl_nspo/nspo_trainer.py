@@ -39,6 +39,7 @@ from .targets import (
     check_peft_model,
     constrained_input_dim,
     find_constrained_modules,
+    is_lora_model,
     recorded_base_model,
     requires_grad_kept,
 )
@@ -128,8 +129,10 @@ class NSPOTrainer(GRPOTrainer):
             raise TypeError(
                 f"NSPOTrainer needs an `NSPOConfig` as `args`, got {kind}. Replace GRPOConfig by NSPOConfig."
             )
-        check_training_engine(args)
         peft_config = grpo_kwargs.get("peft_config")
+        check_training_engine(
+            args, peft=peft_config is not None or (isinstance(model, torch.nn.Module) and is_lora_model(model))
+        )
         if peft_config is not None:
             messages = check_peft_config(peft_config, args.allow_unconstrained_parameters)
         else:
@@ -463,6 +466,9 @@ class NSPOTrainer(GRPOTrainer):
         if not self.args.should_save:
             return
         directory = Path(output_dir or self.args.output_dir)
+        # FSDP's SHARDED_STATE_DICT saves no weights here (they go to the checkpoint's `pytorch_model_fsdp_0/` later),
+        # so the folder may not exist yet.
+        directory.mkdir(parents=True, exist_ok=True)
         if directory.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-"):
             write_projectors_reference(directory, self.projectors_file, self._projectors_sha256)
             return

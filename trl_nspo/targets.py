@@ -25,6 +25,7 @@ from .null_space import NullSpaceError
 
 # Prefixes that DDP (`module.`), PEFT (`base_model.model.`) and `torch.compile` (`_orig_mod.`) put before the names.
 _WRAPPER_PREFIXES = ("module.", "base_model.model.", "_orig_mod.")
+_CHECKPOINT_WRAPPER = "._checkpoint_wrapped_module"
 # LoRA initialisations that leave the base weights and the product B·A as they are (B·A = 0, or A is re-projected).
 _SAFE_LORA_INITS = (True, False, "gaussian")
 
@@ -34,14 +35,16 @@ class UnsupportedSetupError(NullSpaceError):
 
 
 def canonical_module_name(name: str) -> str:
-    """A module name without DDP/PEFT/compile wrapper prefixes, so projector files work with and without PEFT."""
+    """A module name without DDP/PEFT/compile/activation-checkpoint wrappers, so projector files work with and without
+    PEFT."""
     stripped = True
     while stripped:
         stripped = False
         for prefix in _WRAPPER_PREFIXES:
             if name.startswith(prefix):
                 name, stripped = name[len(prefix) :], True
-    return name
+    # FSDP2's activation checkpointing wraps each decoder layer; the wrapped layer keeps the wrapper's name.
+    return name.replace(_CHECKPOINT_WRAPPER, "")
 
 
 def modules_by_canonical_name(model: nn.Module) -> dict[str, nn.Module]:
