@@ -73,6 +73,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl_nspo import NSPOConfig, NullSpaceError, NullSpaceRule
 from trl_nspo.calibration_data import CalibrationSettings
 from trl_nspo.demo import DemoArguments, demo_safety_dataset, embedded_prompts, evaluate, greedy_answers
+from trl_nspo.fingerprints import model_fingerprint, projectors_calibration_record
 from trl_nspo.measurement import LayerInputs, collect_layer_inputs, output_change
 from trl_nspo.null_space import NULL_SPACE_RULES
 
@@ -479,17 +480,17 @@ def main(arguments: AlignmentTaxArguments) -> dict:
         work_dir = Path(work)
         projector_dirs = {}
         results["null_spaces"] = {}
+        fingerprint = model_fingerprint(base_model)
+        calibration = projectors_calibration_record(
+            base_model,
+            tokenizer,
+            calibration_dataset,
+            settings,
+            calibration_inputs.sequences,
+            calibration_inputs.counts,
+        )
         for key, rule in rules.items():
-            projectors = projectors_for_rule(
-                decompositions,
-                rule,
-                base_model,
-                tokenizer,
-                calibration_dataset,
-                settings,
-                calibration_inputs.sequences,
-                calibration_inputs.counts,
-            )
+            projectors = projectors_for_rule(decompositions, rule, fingerprint, calibration, bool(settings.sketch_dim))
             projector_dirs[key] = work_dir / "projectors" / key
             projectors.save(projector_dirs[key])
             results["null_spaces"][key] = {"rule": asdict(rule), **null_space_statistics(projectors, arguments.lora_r)}

@@ -67,6 +67,7 @@ from trl_nspo import NSPOConfig, NullSpaceRule
 from trl_nspo.calibration import layer_input_covariances
 from trl_nspo.calibration_data import calibration_token_sequences, eval_mode, pad_token_id, right_padded_batches
 from trl_nspo.demo import DemoArguments, demo_safety_dataset, embedded_prompts
+from trl_nspo.fingerprints import model_fingerprint, projectors_calibration_record
 from trl_nspo.projectors import PROJECTORS_FILE_NAME
 from trl_nspo.targets import find_constrained_modules
 
@@ -166,8 +167,10 @@ def measure_calibration(arguments: CostArguments, model_path: Path, tokenizer, p
     plain_s = (plain_before_s + plain_after_s) / 2
 
     by_rule = {}
+    fingerprint = model_fingerprint(model)
+    calibration = projectors_calibration_record(model, tokenizer, dataset, settings, sequences, counts)
     for rule in MEMORY_RULES:
-        projectors = projectors_for_rule(decompositions, rule, model, tokenizer, dataset, settings, sequences, counts)
+        projectors = projectors_for_rule(decompositions, rule, fingerprint, calibration, bool(settings.sketch_dim))
         by_rule[rule_key(rule)] = {"rule": asdict(rule), **null_space_statistics(projectors, arguments.lora_r)}
         if rule is MAIN_RULE:
             projectors.save(projectors_dir)

@@ -23,16 +23,13 @@ import transformers
 import trl
 from datasets import Dataset
 from peft import LoraConfig
-from torch import nn
 from transformers import HfArgumentParser, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceProjectors, NullSpaceRule
-from trl_nspo.calibration_data import CalibrationSettings
 from trl_nspo.demo import DemoArguments, EvaluationPrompts, embedded_prompts, grpo_settings, prepare_smollm2
-from trl_nspo.fingerprints import model_fingerprint, projectors_calibration_record
 from trl_nspo.null_space import CovarianceAccumulator, NullSpaceBasis, decompose_covariance
-from trl_nspo.projectors import ProjectorGroup
+from trl_nspo.projectors import CalibrationRecord, ModelFingerprint, ProjectorGroup
 from trl_nspo.rewards import RefusalReward
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -299,24 +296,22 @@ def eigendecompose(
 def projectors_for_rule(
     decompositions: Sequence[Eigendecomposition],
     rule: NullSpaceRule,
-    model: nn.Module,
-    tokenizer,
-    dataset: Dataset,
-    settings: CalibrationSettings,
-    sequences: Sequence[Sequence[int]],
-    counts: dict[str, int],
+    fingerprint: ModelFingerprint,
+    calibration: CalibrationRecord,
+    keep_sketches: bool,
 ) -> NullSpaceProjectors:
     """
-    The projectors `compute_projectors(model, tokenizer, dataset, settings, rule)` would return, from
-    eigendecompositions computed once for all rules. They carry the same metadata (eigenvalues included), so
-    NSPOTrainer loads and validates them from `projectors_path` exactly as it would its own file. `sequences` and
-    `counts` are the calibration's, from `calibration_token_sequences`.
+    The projectors `compute_projectors` would return for `rule`, from eigendecompositions computed once for all rules.
+    They carry the same metadata (eigenvalues included), so NSPOTrainer loads and validates them from
+    `projectors_path` exactly as it would its own file. `fingerprint` and `calibration` are computed once by the caller
+    ([`~trl_nspo.fingerprints.model_fingerprint`], [`~trl_nspo.fingerprints.projectors_calibration_record`]): the
+    fingerprint hashes every weight, which is the same for every rule.
     """
     groups = {}
     for decomposition in decompositions:
         null_dim = rule.null_dimension(decomposition.eigenvalues)
         basis = NullSpaceBasis.from_eigh(decomposition.eigenvalues, decomposition.eigenvectors, null_dim)
-        sketch = decomposition.sketch.float().cpu() if settings.sketch_dim else None
+        sketch = decomposition.sketch.float().cpu() if keep_sketches else None
         groups[decomposition.module_names[0]] = ProjectorGroup(
             decomposition.module_names,
             basis.to(device="cpu", dtype=torch.float32),
@@ -327,8 +322,8 @@ def projectors_for_rule(
     return NullSpaceProjectors(
         groups=groups,
         rule=rule,
-        model_fingerprint=model_fingerprint(model),
-        calibration=projectors_calibration_record(model, tokenizer, dataset, settings, sequences, counts),
+        model_fingerprint=fingerprint,
+        calibration=calibration,
     )
 
 
