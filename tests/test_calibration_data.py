@@ -76,3 +76,31 @@ def test_a_prompt_ending_with_an_assistant_message_is_continued_as_trl_does(tiny
     continued = tiny_tokenizer.apply_chat_template(prompt, continue_final_message=True)["input_ids"]
     assert sequences == [list(continued)]
     assert tiny_tokenizer.decode(sequences[0]).rstrip().endswith("The colour is")
+
+
+def test_sampled_user_prompts_are_complete_distinct_user_turns(tiny_model, tiny_tokenizer):
+    from trl_nspo.calibration_data import sampled_user_prompts, user_turn_prefix
+
+    assert user_turn_prefix(tiny_tokenizer) == "<|user|>"
+    # Make the end-of-turn token likely after any text, so that some samples end within the limit: its output
+    # embedding along the mean final hidden state gives it a logit of about 3.
+    end = tiny_tokenizer.convert_tokens_to_ids("<|end|>")
+    tiny_model.generation_config.eos_token_id = end
+    with torch.no_grad():
+        ids = torch.tensor([tiny_tokenizer("<|user|>What is 12 times 7?")["input_ids"]])
+        hidden = tiny_model.model(input_ids=ids).last_hidden_state[0].mean(dim=0)
+        tiny_model.lm_head.weight[end] = 3.0 * hidden / hidden.square().sum()
+    state = torch.random.get_rng_state()
+    prompts = sampled_user_prompts(tiny_model, tiny_tokenizer, 32, max_new_tokens=12, batch_size=16, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is left as it was
+    assert prompts and len(prompts) == len(set(prompts)) < 32
+    assert all(prompt and "<|end|>" not in prompt for prompt in prompts)
+    assert prompts == sampled_user_prompts(tiny_model, tiny_tokenizer, 32, max_new_tokens=12, batch_size=16, seed=3)
+
+
+def test_user_turn_prefix_needs_a_chat_template(tiny_tokenizer):
+    from trl_nspo.calibration_data import user_turn_prefix
+
+    tiny_tokenizer.chat_template = None
+    with pytest.raises(NullSpaceError, match="no chat template"):
+        user_turn_prefix(tiny_tokenizer)

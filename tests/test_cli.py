@@ -366,3 +366,22 @@ def test_readme_commands_run_as_written_on_a_cpu(tiny_model_dir, general_file, t
     steps = ["--max_steps", "1", "--per_device_train_batch_size", "2", "--num_generations", "2"]
     main([*train_argv, *tiny, *steps, "--max_completion_length", "4", "--report_to", "none", "--save_strategy", "no"])
     assert (output / "adapter_model.safetensors").is_file()
+
+
+def test_calibrate_keeps_its_work_when_training_would_refuse_the_rank(tiny_model_dir, general_file, tmp_path):
+    projectors = tmp_path / "projectors"
+    with pytest.raises(NullSpaceError, match=r"LoRA rank exceeds the null dimension.*saved to .*reuses them"):
+        main(
+            [
+                "calibrate",
+                "--model_name_or_path", str(tiny_model_dir),
+                "--calibration_dataset_name", str(general_file),
+                "--calibration_num_samples", "2", "--calibration_generate_completions", "false",
+                "--output_dir", str(projectors),
+                "--use_peft", "--lora_target_modules", "q_proj", "v_proj", "--lora_r", "64",
+                "--null_space_energy", "0.05",
+                "--use_cpu", "--bf16", "false",
+            ]
+        )  # fmt: skip
+    saved = NullSpaceProjectors.load(projectors / PROJECTORS_FILE_NAME)
+    assert max(null_dim for null_dim, _ in saved.null_dims().values()) < 64

@@ -99,3 +99,38 @@ def test_full_fine_tuning_measures_the_change_from_the_initial_weights(architect
         assert set(measured.by_kind) == {"down_proj"}
     with pytest.raises(ValueError, match="pass `initial_weights`"):
         output_change(model, inputs)
+
+
+def test_null_space_energy_is_each_inputs_share_inside_the_null_space(tiny_model, tiny_tokenizer):
+    from trl_nspo.calibration import compute_projectors
+    from trl_nspo.measurement import NullSpaceEnergy, null_space_energy
+    from trl_nspo.null_space import NullSpaceRule
+
+    rule = NullSpaceRule(rule="energy", energy=0.05)
+    projectors = compute_projectors(tiny_model, tiny_tokenizer, GENERAL, SETTINGS, rule, show_progress=False)
+    calibration = collect_layer_inputs(tiny_model, tiny_tokenizer, GENERAL, SETTINGS)
+    other = Dataset.from_dict({"text": ["The quick brown fox jumps over the lazy dog again and again."]})
+    unseen = collect_layer_inputs(tiny_model, tiny_tokenizer, other, SETTINGS)
+    in_sample = null_space_energy(projectors, calibration)
+    held_out = null_space_energy(projectors, unseen)
+    # One share per shared input (q/k/v and gate/up read one), keyed by its first module.
+    assert set(in_sample.by_group) == set(projectors.groups) and len(in_sample.by_group) == 8
+    # In-sample, the energy rule spends at most its budget, and the file records the same share.
+    for key, share in in_sample.by_group.items():
+        assert share <= 0.05 + 1e-9
+        assert share == pytest.approx(projectors.groups[key].calibration_share, rel=1e-6)
+    # Checked against the explicit inputs: ‖K·U‖² / ‖K‖² with the stored basis.
+    sequences = unseen.sequences
+    explicit = explicit_layer_inputs(tiny_model, find_constrained_modules(tiny_model), sequences)
+    for key, group in projectors.groups.items():
+        null_basis = group.basis.basis.double()
+        rows = explicit[key]
+        inside = rows @ null_basis if group.basis.stores_null else rows - rows @ null_basis @ null_basis.T
+        expected = torch.linalg.matrix_norm(inside).item() ** 2 / torch.linalg.matrix_norm(rows).item() ** 2
+        assert held_out.by_group[key] == pytest.approx(expected, rel=1e-5)
+    selectivity = held_out.ratio_to(in_sample)
+    assert selectivity.by_group[next(iter(selectivity.by_group))] == pytest.approx(
+        held_out.by_group[next(iter(held_out.by_group))] / in_sample.by_group[next(iter(in_sample.by_group))]
+    )
+    summary = NullSpaceEnergy({"a.q_proj": 1.0, "b.q_proj": 3.0, "c.down_proj": 2.0}).summary()
+    assert summary == {"median": 2.0, "p90": 2.8, "max": 3.0, "by_kind": {"q_proj": 2.0, "down_proj": 2.0}}

@@ -9,14 +9,17 @@ from hypothesis import strategies as st
 from trl_nspo.null_space import (
     NULL_SPACE_RULES,
     CovarianceAccumulator,
+    InputStatistics,
     NullSpaceBasis,
     NullSpaceError,
     NullSpaceRule,
     SelectionRule,
     decompose_covariance,
+    heldout_prefix_shares,
     null_space_from_covariance,
     register_null_space_rule,
     relative_output_change,
+    task_directions,
 )
 
 
@@ -89,8 +92,11 @@ class TestNullSpaceRule:
 SPECTRUM = torch.tensor([1e-6, 1e-5, 3.0, 96.99999], dtype=torch.float64)
 
 
-@pytest.mark.parametrize("name", sorted(NULL_SPACE_RULES))
-def test_every_registered_rule_selects_and_describes_itself(name):
+EIGENVALUE_RULES = sorted(name for name, rule in NULL_SPACE_RULES.items() if rule.null_dimension is not None)
+
+
+@pytest.mark.parametrize("name", EIGENVALUE_RULES)
+def test_every_eigenvalue_rule_selects_and_describes_itself(name):
     selection = NULL_SPACE_RULES[name]
     assert selection.name == name and isinstance(selection, SelectionRule)
     rule = NullSpaceRule(rule=name, **{selection.parameter: 1e-3}, max_null_dim=5)
@@ -259,3 +265,93 @@ def test_a_registered_rule_is_selectable_by_name():
         assert rule.selection_differences(NullSpaceRule(rule="half", energy=0.5, alpha=0.1, max_null_dim=3)) == []
     finally:
         del NULL_SPACE_RULES["half"]
+
+
+def anisotropic_rows(tokens: int, scales: torch.Tensor, seed: int) -> torch.Tensor:
+    """Gaussian rows whose coordinate i has standard deviation `scales[i]` (a known spectrum)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, scales.numel(), generator=generator, dtype=torch.float64) * scales
+
+
+# 24 strong directions and 8 weak ones, whose sample energy is far below their true energy in small samples.
+SCALES = torch.cat([torch.ones(24), torch.full((8,), 0.02)]).double()
+
+
+class TestHeldoutSelection:
+    def test_heldout_prefix_shares_pool_each_folds_energy_in_the_directions_computed_without_it(self):
+        folds = [torch.diag(torch.tensor([1.0, 2.0, 7.0], dtype=torch.float64)), torch.eye(3, dtype=torch.float64)]
+        directions = [torch.eye(3, dtype=torch.float64)[:, [0, 1]], torch.eye(3, dtype=torch.float64)[:, [2, 0]]]
+        shares = heldout_prefix_shares(directions, folds)
+        # Fold 0 (trace 10) in e0 then e1: 1, 2; fold 1 (trace 3) in e2 then e0: 1, 1. Pooled over the trace 13.
+        torch.testing.assert_close(shares, torch.tensor([0.0, 2.0, 5.0], dtype=torch.float64) / 13)
+
+    def test_the_energy_rule_spends_more_than_its_budget_out_of_sample_and_the_heldout_rule_does_not(self):
+        # A smooth spectrum sampled with about 6 tokens per dimension: its smallest eigenvalues look smaller than
+        # they are, so directions chosen in-sample hold more of unseen inputs' energy than the budget.
+        scales = torch.logspace(0, -2, 32, dtype=torch.float64)
+        rows = anisotropic_rows(200, scales, seed=0)
+        folds = [covariance_of(rows[:100]), covariance_of(rows[100:])]
+        unseen = covariance_of(anisotropic_rows(20000, scales, seed=100))
+        energy = NullSpaceRule(rule="energy", energy=1e-3).select(InputStatistics(folds))
+        heldout = NullSpaceRule(rule="heldout", energy=1e-3).select(InputStatistics(folds))
+        assert energy.basis.energy_share(sum(folds)) <= 1e-3
+        # The fold estimate sees what unseen data shows: more than the budget.
+        assert energy.heldout_share > 1e-3 and energy.basis.energy_share(unseen) > 1e-3
+        assert heldout.heldout_share <= 1e-3 and heldout.basis.energy_share(unseen) <= 1e-3
+        assert heldout.basis.null_dim < energy.basis.null_dim
+
+    def test_heldout_rule_needs_two_nonzero_folds(self):
+        covariance = covariance_of(anisotropic_rows(50, SCALES, seed=0))
+        with pytest.raises(NullSpaceError, match="two or more folds"):
+            NullSpaceRule(rule="heldout").select(InputStatistics([covariance]))
+        with pytest.raises(NullSpaceError, match="selects on held-out calibration folds, not from eigenvalues"):
+            NullSpaceRule(rule="heldout").null_dimension(torch.ones(3, dtype=torch.float64))
+
+    def test_energy_share_of_the_stored_null_or_range_basis_is_the_same(self):
+        covariance = covariance_of(anisotropic_rows(300, SCALES, seed=3))
+        other = covariance_of(anisotropic_rows(300, SCALES.flip(0), seed=4))
+        eigenvalues, eigenvectors = decompose_covariance(covariance)
+        for null_dim in (3, 30):
+            basis = NullSpaceBasis.from_eigh(eigenvalues, eigenvectors, null_dim)
+            null = eigenvectors[:, :null_dim]
+            expected = torch.trace(null.T @ other @ null).item() / torch.trace(other).item()
+            assert basis.energy_share(other) == pytest.approx(expected, rel=1e-9)
+        assert basis.stores_null is False
+
+
+class TestTaskAwareSelection:
+    def test_task_directions_are_orthonormal_and_lead_with_the_largest_task_to_general_ratio(self):
+        general = torch.diag(torch.tensor([1.0, 1.0, 1e-3, 1.0], dtype=torch.float64))
+        task = torch.diag(torch.tensor([1.0, 2.0, 1.0, 1e-3], dtype=torch.float64))
+        directions = task_directions(general, task)
+        torch.testing.assert_close(directions.T @ directions, torch.eye(4, dtype=torch.float64))
+        assert directions[:, 0].abs().argmax().item() == 2  # ratio 1 / 1e-3
+        assert directions[:, 1].abs().argmax().item() == 1  # ratio 2
+
+    def test_task_rule_reaches_more_task_energy_than_the_heldout_rule_within_the_same_heldout_budget(self):
+        rows = anisotropic_rows(4000, SCALES, seed=0)
+        folds = [covariance_of(rows[:2000]), covariance_of(rows[2000:])]
+        # The task's inputs add energy along one weak direction and one strong one.
+        task_scales = SCALES.clone()
+        task_scales[30] = 0.5
+        task = covariance_of(anisotropic_rows(2000, task_scales, seed=2))
+        statistics = InputStatistics(folds, task=task)
+        unseen = covariance_of(anisotropic_rows(20000, SCALES, seed=1))
+        unseen_task = covariance_of(anisotropic_rows(20000, task_scales, seed=3))
+        heldout = NullSpaceRule(rule="heldout", energy=1e-3).select(statistics)
+        aware = NullSpaceRule(rule="task", energy=1e-3).select(statistics)
+        assert aware.heldout_share <= 1e-3
+        torch.testing.assert_close(
+            aware.basis.basis.T @ aware.basis.basis, torch.eye(aware.basis.null_dim, dtype=torch.float64)
+        )
+
+        def selectivity(selection) -> float:
+            return selection.basis.energy_share(unseen_task) / selection.basis.energy_share(unseen)
+
+        assert selectivity(aware) > 3 * selectivity(heldout)
+
+    def test_task_rule_needs_the_task_inputs(self):
+        rows = anisotropic_rows(400, SCALES, seed=0)
+        folds = [covariance_of(rows[:200]), covariance_of(rows[200:])]
+        with pytest.raises(NullSpaceError, match="needs the training prompts' layer inputs"):
+            NullSpaceRule(rule="task").select(InputStatistics(folds))

@@ -140,6 +140,8 @@ class TestPreservation:
             "nspo/optimizer_drift",
             "nspo/preservation_error",
             "nspo/null_dim_min",
+            "nspo/calibration_null_energy",
+            "nspo/heldout_null_energy",
         } <= logged
         preservation = [e["nspo/preservation_error"] for e in nspo.state.log_history if "loss" in e]
         assert max(preservation) <= 1e-5
@@ -546,19 +548,60 @@ class TestRefusals:
         trainer = build_nspo(tiny_model, tmp_path, processing_class=build_tiny_tokenizer())
         assert len(trainer.constraint.weights) == 14
 
-    def test_rank_above_null_dimension_is_refused(self, tiny_model_dir, tmp_path):
+    def test_heldout_null_energy_is_measured_on_folds_and_a_large_one_is_warned_about(self, tiny_model_dir, tmp_path):
+        energy_rule = dict(peft_config=lora(r=1), null_space_rule="energy", null_space_energy=0.05)
+        # Two calibration prompts for 64-dimensional inputs: what looks null in one is not in the other.
+        with pytest.warns(UserWarning, match=r"hold .* of the energy of calibration data they were not computed from"):
+            trainer = build_nspo(tiny_model_dir, tmp_path, **energy_rule)
+        logs = trainer._nspo_start_logs
+        assert logs["nspo/calibration_null_energy"] <= 0.05
+        assert logs["nspo/heldout_null_energy"] > 2 * 0.05
+        recorded = NullSpaceProjectors.load(trainer.projectors_file)
+        assert {key: group.heldout_share for key, group in recorded.groups.items()} == {
+            key: group.heldout_share for key, group in trainer.projectors.groups.items()
+        }
+        # One fold: nothing is held out, so nothing is logged or warned about.
+        trainer = build_nspo(tiny_model_dir, tmp_path / "one", calibration_folds=1, **energy_rule)
+        assert "nspo/heldout_null_energy" not in trainer._nspo_start_logs
+        assert "nspo/calibration_null_energy" in trainer._nspo_start_logs
+
+    def test_task_rule_reads_the_training_prompts_and_a_file_is_checked_against_them(self, tiny_model_dir, tmp_path):
+        task_rule = dict(peft_config=lora(r=1), null_space_rule="task", null_space_energy=0.5)
+        trainer = build_nspo(tiny_model_dir, tmp_path, **task_rule)
+        assert trainer.projectors.calibration.task_rows_fingerprint is not None
+        assert all(group.heldout_share <= 0.5 for group in trainer.projectors.groups.values())
+        other_training = Dataset.from_dict({"prompt": [[{"role": "user", "content": "Write a haiku."}]] * 16})
+        with pytest.raises(ProjectorFileError, match="training dataset rows"):
+            NSPOTrainer(
+                str(tiny_model_dir),
+                length_reward,
+                NSPOConfig(**config(tmp_path, null_space_rule="task", null_space_energy=0.5)),
+                train_dataset=other_training,
+                calibration_dataset=CALIBRATION,
+                peft_config=lora(r=1),
+            )
+
+    def test_rank_above_null_dimension_is_refused_after_saving_the_calibration(self, tiny_model_dir, tmp_path):
         with pytest.raises(
-            NullSpaceError, match=r"LoRA rank exceeds the null dimension.*q_proj \(null dim \d+ < rank 32\)"
+            NullSpaceError,
+            match=r"LoRA rank exceeds the null dimension.*q_proj \(null dim \d+ < rank 32\).*were saved to .*reuses "
+            "them without recalibrating",
         ):
             build_nspo(tiny_model_dir, tmp_path, peft_config=lora(r=32))
+        saved = tmp_path / "out" / "nspo_projectors.safetensors"
+        assert saved.is_file()
+        # A rank the null spaces allow trains on the saved file, without calibrating again.
+        with mock.patch("trl_nspo.nspo_trainer.compute_projectors", side_effect=AssertionError("recalibrated")):
+            trainer = build_nspo(tiny_model_dir, tmp_path, peft_config=lora(r=2))
+        assert trainer.projectors_file == saved
 
     def test_rank_above_a_saved_files_null_dimension_says_the_file_needs_recalibrating(self, tiny_model_dir, tmp_path):
         path = tmp_path / "p"
         build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), projectors_path=str(path))
         with pytest.raises(
             NullSpaceError,
-            match=rf"rank 32\).*read from {path}/nspo_projectors\.safetensors: a new rule or threshold needs it "
-            "recalibrated",
+            match=rf"rank 32\).*read from {path}/nspo_projectors\.safetensors: .* a new rule or threshold needs "
+            "them recalibrated",
         ):
             build_nspo(tiny_model_dir, tmp_path, peft_config=lora(r=32), calibration=None, projectors_path=str(path))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import torch
 from accelerate import PartialState
@@ -28,8 +29,8 @@ from .calibration_data import (
     pad_token_id,
     right_padded_batches,
 )
-from .fingerprints import model_fingerprint, projectors_calibration_record
-from .null_space import CovarianceAccumulator, NullSpaceBasis, NullSpaceError, NullSpaceRule, decompose_covariance
+from .fingerprints import calibration_record, model_fingerprint, projectors_calibration_record
+from .null_space import CovarianceAccumulator, InputStatistics, NullSpaceError, NullSpaceRule
 from .projectors import NullSpaceProjectors, ProjectorGroup
 from .targets import adapters_disabled, find_constrained_modules
 
@@ -83,62 +84,75 @@ def _accumulate_covariances(
     settings: CalibrationSettings,
     show_progress: bool,
     description: str,
-) -> dict[str, CovarianceAccumulator]:
+) -> dict[str, list[CovarianceAccumulator]]:
     device = next(model.parameters()).device
     # Each process sketches with its own seed: the summed sketch then has independent columns on every token.
     state = PartialState()
-    accumulators: dict[str, CovarianceAccumulator] = {}
-    current_mask: list[torch.Tensor] = []
+    accumulators: dict[str, list[CovarianceAccumulator]] = {}
+    current: dict[str, torch.Tensor | int] = {}
 
     def accumulate(name: str):
         def hook(module, args, kwargs):
             inputs = _layer_input(args, kwargs)
-            real_tokens = inputs[current_mask[0]]
+            real_tokens = inputs[current["mask"]]
             if not torch.isfinite(real_tokens).all():
                 raise NullSpaceError(
                     f"Non-finite activations at the input of {name} during calibration (float16 overflow?). Load the "
                     "model in float32 or bfloat16 for calibration."
                 )
             if name not in accumulators:
-                accumulators[name] = CovarianceAccumulator(
-                    inputs.shape[-1], settings.sketch_dim, device=device, seed=settings.seed + state.process_index
-                )
-            accumulators[name].update(real_tokens)
+                accumulators[name] = [
+                    CovarianceAccumulator(
+                        inputs.shape[-1],
+                        settings.sketch_dim,
+                        device=device,
+                        seed=settings.seed + state.process_index + fold * state.num_processes,
+                    )
+                    for fold in range(settings.folds)
+                ]
+            accumulators[name][current["fold"]].update(real_tokens)
 
         return hook
 
     handles = [modules[group[0]].register_forward_pre_hook(accumulate(group[0]), with_kwargs=True) for group in groups]
+    # Fold f holds every `folds`-th sequence from the f-th: each fold's batches run on their own.
+    fold_sequences = [sequences[fold :: settings.folds] for fold in range(settings.folds)]
+    total = sum((len(part) + settings.batch_size - 1) // settings.batch_size for part in fold_sequences)
     try:
-        batches = right_padded_batches(sequences, settings.batch_size, pad_id, device)
-        total = (len(sequences) + settings.batch_size - 1) // settings.batch_size
-        for input_ids, attention_mask in tqdm(batches, total=total, desc=description, disable=not show_progress):
-            current_mask[:] = [attention_mask.bool()]
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        with tqdm(total=total, desc=description, disable=not show_progress) as progress:
+            for fold, part in enumerate(fold_sequences):
+                current["fold"] = fold
+                for input_ids, attention_mask in right_padded_batches(part, settings.batch_size, pad_id, device):
+                    current["mask"] = attention_mask.bool()
+                    model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                    progress.update()
     finally:
         for handle in handles:
             handle.remove()
-    for accumulator in accumulators.values():
-        accumulator.sum = reduce(accumulator.sum, reduction="sum")
-        accumulator.sketch = reduce(accumulator.sketch, reduction="sum")
-        token_count = reduce(torch.tensor(accumulator.token_count, device=device), reduction="sum")
-        accumulator.token_count = int(token_count.item())
+    for folds in accumulators.values():
+        for accumulator in folds:
+            accumulator.sum = reduce(accumulator.sum, reduction="sum")
+            accumulator.sketch = reduce(accumulator.sketch, reduction="sum")
+            token_count = reduce(torch.tensor(accumulator.token_count, device=device), reduction="sum")
+            accumulator.token_count = int(token_count.item())
     return accumulators
 
 
-def layer_input_covariances(
+def layer_input_fold_covariances(
     model: nn.Module,
     modules: dict[str, nn.Module],
     sequences: Sequence[Sequence[int]],
     pad_id: int,
     settings: CalibrationSettings,
     show_progress: bool = True,
-) -> Iterator[tuple[list[str], CovarianceAccumulator]]:
+) -> Iterator[tuple[list[str], list[CovarianceAccumulator]]]:
     """
     Runs token sequences through the model (adapters disabled, eval mode) and yields, for each set of modules that
-    read the same input, that input's covariance (summed across ranks under `torch.distributed`).
+    read the same input, that input's statistics in `settings.folds` folds (every `folds`-th sequence; summed across
+    ranks under `torch.distributed`).
 
     Yields one group at a time, doing one forward pass over the data per `settings.groups_per_pass` groups, so at
-    most that many d × d covariances are alive at once.
+    most that many groups' d × d covariances (one per fold) are alive at once.
 
     Args:
         model (`nn.Module`):
@@ -150,12 +164,13 @@ def layer_input_covariances(
         pad_id (`int`):
             Token id used for (right) padding; padded positions are masked out.
         settings ([`CalibrationSettings`]):
-            Batch size, sketch size, groups per pass and seed.
+            Batch size, sketch size, folds, groups per pass and seed.
         show_progress (`bool`, *optional*, defaults to `True`):
             Show a progress bar.
 
     Yields:
-        `tuple[list[str], CovarianceAccumulator]`: the module names sharing the input, and its statistics.
+        `tuple[list[str], list[CovarianceAccumulator]]`: the module names sharing the input, and its statistics per
+        fold.
     """
     device = next(model.parameters()).device
     with eval_mode(model), adapters_disabled(model):
@@ -175,6 +190,21 @@ def layer_input_covariances(
                 yield group, accumulators.pop(group[0])
 
 
+def layer_input_covariances(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    settings: CalibrationSettings,
+    show_progress: bool = True,
+) -> Iterator[tuple[list[str], CovarianceAccumulator]]:
+    """
+    As [`layer_input_fold_covariances`], with the folds merged: each shared input's statistics over every sequence.
+    """
+    for group, folds in layer_input_fold_covariances(model, modules, sequences, pad_id, settings, show_progress):
+        yield group, CovarianceAccumulator.merged(folds)
+
+
 def compute_projectors(
     model: nn.Module,
     processing_class,
@@ -183,6 +213,7 @@ def compute_projectors(
     rule: NullSpaceRule | None = None,
     target_modules: str | Sequence[str] | None = None,
     show_progress: bool = True,
+    task_dataset: Dataset | None = None,
 ) -> NullSpaceProjectors:
     """
     Calibrates a model on general-task data and returns the null-space projectors of its constrained layers.
@@ -207,6 +238,9 @@ def compute_projectors(
             Restricts the constrained modules (see [`find_constrained_modules`]).
         show_progress (`bool`, *optional*, defaults to `True`):
             Show progress bars (on the main rank).
+        task_dataset ([`~datasets.Dataset`], *optional*):
+            The training prompts, for a rule that reads the task's inputs (`rule="task"`): their layer inputs, each
+            prompt followed by the model's greedy answer as `settings` asks, give the task covariance.
 
     Returns:
         [`NullSpaceProjectors`]
@@ -217,35 +251,65 @@ def compute_projectors(
     show_progress = show_progress and state.is_main_process
     modules = find_constrained_modules(model, target_modules)
     fingerprint = model_fingerprint(model)
+    pad_id = pad_token_id(processing_class)
+    task_covariances: dict[str, torch.Tensor] = {}
+    task_record = None
+    if rule.selection.needs_task_inputs:
+        if task_dataset is None:
+            raise NullSpaceError(
+                f"The {rule.rule!r} null-space rule selects directions from the training prompts' inputs: pass the "
+                "training prompts (`NSPOTrainer` passes its `train_dataset`), or choose another rule."
+            )
+        task_sequences, _ = calibration_token_sequences(model, processing_class, task_dataset, settings, show_progress)
+        task_settings = replace(settings, folds=1, sketch_dim=0)
+        for names, accumulator in layer_input_covariances(
+            model, modules, _local_share(task_sequences, "training"), pad_id, task_settings, show_progress
+        ):
+            task_covariances[names[0]] = accumulator.sum
+        task_record = calibration_record(model, processing_class, task_dataset, settings)
     sequences, counts = calibration_token_sequences(model, processing_class, dataset, settings, show_progress)
-    local_sequences = sequences[state.process_index :: state.num_processes]
-    if not local_sequences:
+    local_sequences = _local_share(sequences, "calibration")
+    if settings.folds > 1 and len(local_sequences) < settings.folds and rule.selection.needs_folds:
         raise NullSpaceError(
-            f"{len(sequences)} calibration sequences cannot be shared among {state.num_processes} processes; pass "
-            "at least one row per process."
+            f"The {rule.rule!r} rule needs calibration sequences in each of the {settings.folds} folds on every "
+            f"process, and this process has {len(local_sequences)}; pass more calibration rows."
         )
     groups: dict[str, ProjectorGroup] = {}
-    pad_id = pad_token_id(processing_class)
-    for names, accumulator in layer_input_covariances(
-        model, modules, local_sequences, pad_id, settings, show_progress
-    ):
+    for names, folds in layer_input_fold_covariances(model, modules, local_sequences, pad_id, settings, show_progress):
+        statistics = InputStatistics([fold.sum for fold in folds], task=task_covariances.pop(names[0], None))
         try:
-            eigenvalues, eigenvectors = decompose_covariance(accumulator.sum)
-            basis = NullSpaceBasis.from_eigh(eigenvalues, eigenvectors, rule.null_dimension(eigenvalues))
+            selection = rule.select(statistics)
         except NullSpaceError as error:
             raise NullSpaceError(f"{names[0]}: {error}") from error
-        sketch = accumulator.sketch.float().cpu() if settings.sketch_dim else None
+        merged = CovarianceAccumulator.merged(folds)
         groups[names[0]] = ProjectorGroup(
-            names, basis.to(device="cpu", dtype=torch.float32), accumulator.token_count, sketch, eigenvalues.cpu()
+            names,
+            selection.basis.to(device="cpu", dtype=torch.float32),
+            merged.token_count,
+            merged.sketch.float().cpu() if settings.sketch_dim else None,
+            selection.eigenvalues.cpu(),
+            calibration_share=selection.basis.energy_share(merged.sum),
+            heldout_share=selection.heldout_share,
         )
-    projectors = NullSpaceProjectors(
-        groups=groups,
-        rule=rule,
-        model_fingerprint=fingerprint,
-        calibration=projectors_calibration_record(model, processing_class, dataset, settings, sequences, counts),
-    )
+    calibration = projectors_calibration_record(model, processing_class, dataset, settings, sequences, counts)
+    if task_record is not None:
+        calibration.task_rows_fingerprint = task_record.rows_fingerprint
+        calibration.task_prompt_fingerprint = task_record.prompt_fingerprint
+    projectors = NullSpaceProjectors(groups=groups, rule=rule, model_fingerprint=fingerprint, calibration=calibration)
     _warn_about_thin_calibration(projectors)
     return projectors
+
+
+def _local_share(sequences: list[list[int]], what: str) -> list[list[int]]:
+    """This process's share of the sequences (every `num_processes`-th)."""
+    state = PartialState()
+    local = sequences[state.process_index :: state.num_processes]
+    if not local:
+        raise NullSpaceError(
+            f"{len(sequences)} {what} sequences cannot be shared among {state.num_processes} processes; pass at "
+            "least one row per process."
+        )
+    return local
 
 
 def _warn_about_thin_calibration(projectors: NullSpaceProjectors) -> None:

@@ -46,7 +46,12 @@ class CalibrationSettings:
             Columns of the random sketch of each layer's inputs kept for the preservation metric; `0` disables it.
         groups_per_pass (`int`, *optional*):
             Covariances held in memory at once. Fewer means more forward passes over the data but less memory (a d×d
-            float64 matrix per group); `None` does everything in one pass.
+            float64 matrix per group and fold); `None` does everything in one pass.
+        folds (`int`, *optional*, defaults to `2`):
+            Parts of the calibration sequences (every `folds`-th sequence) whose covariances are kept apart, so that
+            a null space computed without one part can be measured on it: the held-out share every projector file
+            records, and the selection of the `heldout` and `task` rules. `1` keeps one covariance (half the memory)
+            and measures nothing out of sample.
         seed (`int`, *optional*, defaults to `0`):
             Seed of the sketch.
     """
@@ -58,10 +63,11 @@ class CalibrationSettings:
     batch_size: int = 8
     sketch_dim: int = 64
     groups_per_pass: int | None = None
+    folds: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "max_length", "completion_length", "batch_size"):
+        for name in ("num_samples", "max_length", "completion_length", "batch_size", "folds"):
             if getattr(self, name) < 1:
                 raise ValueError(
                     f"Calibration setting `{name}` must be a positive integer, got {getattr(self, name)}."
@@ -224,6 +230,94 @@ def greedy_completions(
                         break
                 completions.append(completion)
     return completions
+
+
+def user_turn_prefix(tokenizer: PreTrainedTokenizerBase) -> str:
+    """
+    The text the chat template puts before a user's message (system prompt and user header included), found by
+    rendering a one-message conversation around a marker.
+    """
+    marker = "\x00USER-TURN\x00"
+    if tokenizer.chat_template is None:
+        raise NullSpaceError(
+            "The tokenizer has no chat template, so there is no user turn to sample; pass calibration data instead."
+        )
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    if marker not in rendered:
+        raise NullSpaceError("The chat template drops the user's message; pass calibration data instead.")
+    return rendered[: rendered.index(marker)]
+
+
+@torch.no_grad()
+def sampled_user_prompts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    num_prompts: int,
+    max_new_tokens: int = 64,
+    batch_size: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    seed: int = 0,
+    description: str | None = None,
+) -> list[str]:
+    """
+    User messages the chat model writes itself: sampled after its chat template's user prefix until the end of the
+    turn. A chat model's own idea of a user request is general-task data that needs no dataset: with enough samples it
+    covers far more inputs than a small hand-written set (BENCHMARKS.md section 6).
+
+    Samples that do not end within `max_new_tokens`, are empty, or repeat an earlier one are dropped, so fewer than
+    `num_prompts` may come back. Runs in eval mode with the model's current adapter state.
+
+    Args:
+        model (`nn.Module`):
+            A chat model.
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
+            Its tokenizer, with a chat template.
+        num_prompts (`int`):
+            Prompts to sample.
+        max_new_tokens (`int`, *optional*, defaults to `64`):
+            Longest prompt, in tokens.
+        batch_size (`int`, *optional*, defaults to `64`):
+            Sequences sampled at once.
+        temperature, top_p (`float`, *optional*, default to `1.0`, `0.95`):
+            Sampling settings.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of torch's generator for the sampling (restored afterwards).
+        description (`str`, *optional*):
+            Show a progress bar with this description.
+
+    Returns:
+        `list[str]`: the distinct, complete user messages, in the order they were sampled.
+    """
+    device = next(model.parameters()).device
+    prefix_ids = tokenizer(user_turn_prefix(tokenizer), add_special_tokens=False)["input_ids"]
+    eos_ids = stop_token_ids(model, tokenizer)
+    prompts: list[str] = []
+    seen: set[str] = set()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(model):
+        torch.manual_seed(seed)
+        for start in tqdm(range(0, num_prompts, batch_size), desc=description, disable=description is None):
+            rows = min(batch_size, num_prompts - start)
+            input_ids = torch.tensor([prefix_ids] * rows, device=device)
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=0,
+                pad_token_id=pad_token_id(tokenizer),
+            )
+            for row in output[:, len(prefix_ids) :].tolist():
+                end = next((position for position, token in enumerate(row) if token in eos_ids), None)
+                if end is None:
+                    continue
+                text = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+                if text and text not in seen:
+                    seen.add(text)
+                    prompts.append(text)
+    return prompts
 
 
 def right_padded_batches(

@@ -41,6 +41,7 @@ CALIBRATE_OPTIONS = frozenset(
         "calibration_completion_length",
         "calibration_batch_size",
         "calibration_groups_per_pass",
+        "calibration_folds",
         "preservation_sketch_dim",
         "seed",
         "null_space_rule",
@@ -187,6 +188,7 @@ def calibrate(argv: Sequence[str]) -> None:
 
     from .calibration import compute_projectors
     from .constraint import NullSpaceConstraint
+    from .null_space import NullSpaceError
     from .projectors import file_megabytes
 
     arguments, training_args, model_args = calibrate_parser().parse_args_and_config(args=list(argv))
@@ -205,12 +207,20 @@ def calibrate(argv: Sequence[str]) -> None:
         rule=training_args.null_space_rule_config(),
         target_modules=training_args.nspo_target_modules,
     )
-    # Refuse here what training would refuse (an empty null space, a LoRA rank above one), before a file is written
-    # that the advised change of rule or threshold could not act on.
-    NullSpaceConstraint(model, projectors, training_args.nspo_target_modules).check_ranks()
+    constraint = NullSpaceConstraint(model, projectors, training_args.nspo_target_modules)
+    # An empty null space is refused before a file is written that the advised rule or threshold could not act on;
+    # the rank is a training setting, and calibration's work is saved before it is checked.
+    constraint.check_null_spaces()
     path = projectors.save(training_args.projectors_path or training_args.output_dir)
     print(projectors.summary())
     print(f"Saved {len(projectors.null_dims())} module projectors ({file_megabytes(path)}) to {path}.")
+    try:
+        constraint.check_ranks()
+    except NullSpaceError as error:
+        raise NullSpaceError(
+            f"{error} The projectors were saved to {path}: training reuses them at a LoRA rank (and with constrained "
+            "modules) they allow; a new rule or threshold needs them recalibrated."
+        ) from error
 
 
 def train(argv: Sequence[str]) -> None:

@@ -476,9 +476,8 @@ class NullSpaceConstraint:
         """The dtype the forward multiplies `entry`'s layer in: autocast's when it is on, else the parameter's own."""
         return self.autocast_dtype or entry.dtype
 
-    def check_ranks(self) -> None:
-        """Refuses an empty null space, and LoRA ranks above a module's null dimension: A's rows could not be
-        independent there. Needs no binding."""
+    def check_null_spaces(self) -> None:
+        """Refuses an empty null space: that module could not train at all, at any rank. Needs no binding."""
         empty = [entry.module_name for entry in self.weights if entry.basis.null_dim == 0]
         if empty:
             raise NullSpaceError(
@@ -486,6 +485,11 @@ class NullSpaceConstraint:
                 "Raise `null_space_alpha` (relative rule) or `null_space_energy` (energy rule), or exclude them with "
                 "`nspo_target_modules`."
             )
+
+    def check_ranks(self) -> None:
+        """Refuses an empty null space ([`check_null_spaces`]), and LoRA ranks above a module's null dimension: A's
+        rows could not be independent there. Needs no binding."""
+        self.check_null_spaces()
         too_small = [
             f"{entry.module_name} (null dim {entry.basis.null_dim} < rank {entry.independent_rows})"
             for entry in self.weights

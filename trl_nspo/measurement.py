@@ -14,13 +14,18 @@ inputs = collect_layer_inputs(model, tokenizer, held_out_general_prompts, Calibr
 trainer.train()
 print(output_change(trainer.model, inputs).pooled)
 ```
+
+Before any training, [`null_space_energy`] says how much of a set's layer-input energy the null spaces let an update
+reach: for held-out general prompts it should stay near the rule's budget ε, for the training prompts it should be
+many times larger (their ratio is the null spaces' selectivity).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +35,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .calibration import layer_input_covariances
 from .calibration_data import CalibrationSettings, calibration_token_sequences, pad_token_id
-from .null_space import CovarianceAccumulator
+from .null_space import CovarianceAccumulator, NullSpaceBasis
+from .projectors import NullSpaceProjectors
 from .targets import base_linear, find_constrained_modules, lora_adapters, lora_factors
 
 
@@ -203,4 +209,81 @@ def output_change(
         pooled=math.sqrt(max(delta_sq, 0.0) / base_sq),
         worst_layer=worst,
         by_kind={kind: math.sqrt(max(d, 0.0) / b) for kind, (d, b) in by_kind.items()},
+    )
+
+
+@dataclass
+class NullSpaceEnergy:
+    """
+    Per shared layer input, the share of a set's input energy that lies inside the null space, tr(Uᵀ·C·U) / tr(C):
+    what an update confined to the null spaces can reach of those inputs. From [`null_space_energy`]; the ratio of two
+    (training prompts ÷ held-out general prompts) is the null spaces' selectivity ([`NullSpaceEnergy.ratio_to`]).
+
+    Args:
+        by_group (`dict[str, float]`):
+            The share for every input, keyed by the first module reading it (q/k/v and gate/up share one).
+    """
+
+    by_group: dict[str, float]
+
+    def quantile(self, q: float) -> float:
+        """The `q`-quantile over inputs (linear interpolation): `quantile(0.5)` is the median."""
+        values = sorted(self.by_group.values())
+        position = q * (len(values) - 1)
+        lower = math.floor(position)
+        upper = min(lower + 1, len(values) - 1)
+        return values[lower] + (values[upper] - values[lower]) * (position - lower)
+
+    @property
+    def median(self) -> float:
+        return self.quantile(0.5)
+
+    @property
+    def worst(self) -> float:
+        return max(self.by_group.values())
+
+    def by_kind(self) -> dict[str, float]:
+        """The median share per module kind (the last part of the first module's name: `q_proj`, `down_proj`, …)."""
+        kinds: dict[str, list[float]] = {}
+        for name, share in self.by_group.items():
+            kinds.setdefault(name.rsplit(".", 1)[-1], []).append(share)
+        return {kind: statistics.median(shares) for kind, shares in kinds.items()}
+
+    def ratio_to(self, other: NullSpaceEnergy) -> NullSpaceEnergy:
+        """Per input, this share ÷ `other`'s (inputs where `other`'s is 0 are left out): with this set the training
+        prompts and `other` held-out general prompts, the selectivity."""
+        return NullSpaceEnergy(
+            {name: share / other.by_group[name] for name, share in self.by_group.items() if other.by_group.get(name)}
+        )
+
+    def summary(self) -> dict[str, float | dict[str, float]]:
+        """Median, 90th percentile, worst input and per-kind medians, for logs and result files."""
+        return {"median": self.median, "p90": self.quantile(0.9), "max": self.worst, "by_kind": self.by_kind()}
+
+
+def null_space_energy(
+    projectors: NullSpaceProjectors | Mapping[str, NullSpaceBasis],
+    inputs: LayerInputs | Mapping[str, torch.Tensor],
+) -> NullSpaceEnergy:
+    """
+    How much of a set's layer-input energy the null spaces let an update reach, per shared input.
+
+    Args:
+        projectors ([`NullSpaceProjectors`] or `Mapping[str, NullSpaceBasis]`):
+            The null spaces, or bases keyed by module name.
+        inputs ([`LayerInputs`] or `Mapping[str, torch.Tensor]`):
+            The set's layer inputs, from [`collect_layer_inputs`] (before training, on the base model), or
+            covariances keyed by the first module of each shared input.
+
+    Returns:
+        [`NullSpaceEnergy`]: one share per input that both cover.
+    """
+    bases = projectors.basis_by_module() if isinstance(projectors, NullSpaceProjectors) else projectors
+    covariances = (
+        {names[0]: accumulator.sum for names, accumulator in inputs.groups}
+        if isinstance(inputs, LayerInputs)
+        else inputs
+    )
+    return NullSpaceEnergy(
+        {name: bases[name].energy_share(covariance) for name, covariance in covariances.items() if name in bases}
     )

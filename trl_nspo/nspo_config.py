@@ -34,20 +34,31 @@ class NSPOConfig(GRPOConfig):
         calibration_batch_size (`int`, *optional*, defaults to `8`):
             Sequences per calibration forward pass.
         calibration_groups_per_pass (`int`, *optional*):
-            Layer-input covariances (d × d in float64 each) held in memory at once. Lower it to calibrate large models
-            on small GPUs, at the cost of one forward pass over the data per chunk. `None` does one pass.
+            Layer-input covariances (d × d in float64 each, one per fold) held in memory at once. Lower it to
+            calibrate large models on small GPUs, at the cost of one forward pass over the data per chunk. `None` does
+            one pass.
+        calibration_folds (`int`, *optional*, defaults to `2`):
+            Parts of the calibration sequences whose covariances are kept apart, so that each null space can be
+            measured on calibration data it was not computed from (logged as `nspo/heldout_null_energy`, and what the
+            `"heldout"` and `"task"` rules select on). `1` halves calibration memory and measures nothing held out.
 
         > Parameters that control the null space
 
         null_space_rule (`str`, *optional*, defaults to `"energy"`):
             `"energy"`: the largest set of smallest eigen-directions holding ≤ `null_space_energy` of the layer's
-            total general-input energy, so what the update may touch is bounded on every layer alike. `"relative"`:
-            eigen-directions with eigenvalue < `null_space_alpha` × the largest (the original NSPO code's rule; on
-            SmolLM2-135M its α = 5e-5 leaves some layers with an empty null space, see BENCHMARKS.md).
+            total general-input energy on the calibration data (in-sample: unseen general inputs put more into it,
+            BENCHMARKS.md section 6). `"heldout"`: the same, with the budget enforced on calibration folds held out
+            of the null space, so it holds on general inputs the null space never saw. `"task"`: under the same
+            held-out budget, the directions where the training prompts' inputs (prompts of `train_dataset` with the
+            model's greedy answers) have the most energy relative to general ones, so the update reaches the task's
+            inputs more and general inputs no more. `"relative"`: eigen-directions with eigenvalue <
+            `null_space_alpha` × the largest (the original NSPO code's rule; on SmolLM2-135M its α = 5e-5 leaves
+            some layers with an empty null space).
         null_space_alpha (`float`, *optional*, defaults to `5e-5`):
             Relative eigenvalue threshold of the `"relative"` rule.
         null_space_energy (`float`, *optional*, defaults to `1e-3`):
-            Discarded energy fraction of the `"energy"` rule.
+            The budget ε of the `"energy"`, `"heldout"` and `"task"` rules: the share of general-input energy an
+            update confined to the null space can reach.
         null_space_max_dim (`int`, *optional*, defaults to `128`):
             Upper bound on every null dimension; the most-null directions are kept. It bounds the projector memory
             (with 128, at most 2.8% of a 7B model's bf16 weights) and must be at least the LoRA rank. `None` keeps
@@ -103,11 +114,20 @@ class NSPOConfig(GRPOConfig):
             "`None` does one pass."
         },
     )
+    calibration_folds: int = field(
+        default=2,
+        metadata={
+            "help": "Calibration covariances kept apart, to measure each null space on data it was not computed "
+            "from (and for the 'heldout' and 'task' rules); 1 halves calibration memory."
+        },
+    )
     null_space_rule: str = field(
         default="energy",
         metadata={
-            "help": "How to select each null space: 'energy' (smallest directions holding ≤ energy of the total) or "
-            "'relative' (eigenvalue < alpha × largest, the original NSPO code's rule).",
+            "help": "How to select each null space: 'energy' (smallest directions holding ≤ energy of the "
+            "calibration inputs), 'heldout' (the same budget on held-out calibration folds), 'task' (under that "
+            "held-out budget, the directions holding most of the training prompts' inputs) or 'relative' "
+            "(eigenvalue < alpha × largest, the original NSPO code's rule).",
             "choices": list(NULL_SPACE_RULES),
         },
     )
@@ -117,7 +137,7 @@ class NSPOConfig(GRPOConfig):
     )
     null_space_energy: float = field(
         default=1e-3,
-        metadata={"help": "Discarded energy fraction of the 'energy' rule."},
+        metadata={"help": "Budget ε of the 'energy', 'heldout' and 'task' rules (share of general-input energy)."},
     )
     null_space_max_dim: int | None = field(
         default=128,
@@ -186,5 +206,6 @@ class NSPOConfig(GRPOConfig):
             batch_size=self.calibration_batch_size,
             sketch_dim=self.preservation_sketch_dim,
             groups_per_pass=self.calibration_groups_per_pass,
+            folds=self.calibration_folds,
             seed=self.seed,
         )

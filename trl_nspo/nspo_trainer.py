@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 # Below this share of the gradient in the null spaces, the constrained update is much smaller than GRPO's at the same
 # learning rate; SmolLM2-135M's was about 0.1 at the default rule (BENCHMARKS.md section 4).
 SMALL_KEPT_GRADIENT_FRACTION = 0.25
+# Warn when general inputs the null spaces never saw put more than this many times the rule's budget into them.
+HELDOUT_NULL_ENERGY_WARNING = 2.0
 
 
 class HubUnreachableError(ConnectionError):
@@ -105,7 +107,10 @@ class NSPOTrainer(GRPOTrainer):
     `nspo/preservation_error_max` (‖ΔW·K‖/‖W·K‖ on a sketch of the calibration inputs, in float32), when the forward
     runs in bf16 or fp16 (autocast, or low-precision weights) `nspo/preservation_error_in_compute_dtype` (the same
     ratio as that forward computes it: the rounding floor float32 cannot see), and at the first log
-    `nspo/null_dim_min` and `nspo/null_dim_fraction`.
+    `nspo/null_dim_min`, `nspo/null_dim_fraction`, `nspo/calibration_null_energy` (median share of the calibration
+    inputs' energy inside the null spaces) and `nspo/heldout_null_energy` (the same on calibration folds each null
+    space was not computed from: what it lets an update reach of general inputs it never saw). The trainer warns when
+    the latter is more than twice the rule's budget.
     """
 
     _tag_names = ["trl", "grpo", "nspo"]
@@ -165,26 +170,31 @@ class NSPOTrainer(GRPOTrainer):
                 settings=args.calibration_settings(),
                 rule=args.null_space_rule_config(),
                 target_modules=args.nspo_target_modules,
+                task_dataset=self._task_dataset(),
             )
             self._model_fingerprint = self.projectors.model_fingerprint
         self.constraint = NullSpaceConstraint(
             self.model, self.projectors, args.nspo_target_modules, autocast_dtype=_autocast_dtype(self.accelerator)
         )
+        if self.projectors_file is None:
+            # An empty null space is the rule's fault: no file, so that the advised rule or threshold can act. A rank
+            # above a null dimension is a training setting's: the file is saved first, so that calibration's work
+            # survives the refusal (a rerun at a rank the null spaces allow reuses it).
+            self.constraint.check_null_spaces()
+            self.projectors_file = self._save_new_projectors(location)
+            source = "were saved to"
+        else:
+            source = "were read from"
         try:
             self.constraint.check_ranks()
         except NullSpaceError as error:
-            if self.projectors_file is None:
-                raise
-            # The advised rule or threshold change cannot act on null spaces read from a file: say so now.
+            # The advised rule or threshold change cannot act on null spaces in a file: say so now.
             raise NullSpaceError(
-                f"{error} These null spaces were read from {self.projectors_file}: a new rule or threshold needs it "
-                "recalibrated (delete it, or run `trl-nspo calibrate` again with the new setting)."
+                f"{error} These null spaces {source} {self.projectors_file}: a run whose LoRA rank and constrained "
+                "modules they allow reuses them without recalibrating; a new rule or threshold needs them "
+                "recalibrated (delete the file, or set `projectors_path` elsewhere)."
             ) from error
         self._check_unconstrained_parameters()
-        if self.projectors_file is None:
-            # Saved only once every check passed: a refused run must not leave a file that would then refuse the
-            # change its error message advises (another rule, threshold or rank).
-            self.projectors_file = self._save_new_projectors(location)
         # Checkpoints reference the run's file by this content hash instead of holding a copy.
         self._projectors_sha256 = file_sha256(self.projectors_file)
         # Bound now, so that the constraint can be read before training (and the adapter that TRL's generation reads
@@ -196,8 +206,40 @@ class NSPOTrainer(GRPOTrainer):
         self._nspo_start_logs = {
             "nspo/null_dim_min": min(null for null, _ in null_dims.values()),
             "nspo/null_dim_fraction": sum(n for n, _ in null_dims.values()) / sum(d for _, d in null_dims.values()),
+            **self.projectors.null_energy_logs(),
         }
+        self._warn_if_heldout_null_energy_is_large()
         logger.info("NSPO null spaces:\n%s", self.projectors.summary())
+
+    def _task_dataset(self) -> Dataset | None:
+        """The training prompts, for a null-space rule that selects from the task's inputs (else `None`)."""
+        if not self.args.null_space_rule_config().selection.needs_task_inputs:
+            return None
+        if not isinstance(self.train_dataset, Dataset):
+            raise NullSpaceError(
+                f"The {self.args.null_space_rule!r} null-space rule reads the training prompts' layer inputs, which "
+                f"needs a `datasets.Dataset` as `train_dataset` (got {type(self.train_dataset).__name__}); pass one, "
+                "or choose the 'heldout' rule."
+            )
+        return self.train_dataset
+
+    def _warn_if_heldout_null_energy_is_large(self) -> None:
+        logs = self._nspo_start_logs
+        heldout = logs.get("nspo/heldout_null_energy")
+        if heldout is None:
+            return
+        rule = self.args.null_space_rule_config()
+        # The budget an update was meant to keep to: ε where the rule has one, else what it holds in-sample.
+        budget = rule.energy if rule.selection.parameter == "energy" else logs["nspo/calibration_null_energy"]
+        if heldout > HELDOUT_NULL_ENERGY_WARNING * budget:
+            warnings.warn(
+                f"The null spaces hold {heldout:.2e} of the energy of calibration data they were not computed from "
+                f"(median over inputs), {heldout / budget:.1f}x the budget of {budget:.1e}: on general prompts it "
+                "never saw, an update confined to them reaches general behaviour that much more than the rule "
+                "promises. Calibrate on more and more varied general data (BENCHMARKS.md section 6 gives the curve), "
+                "or use `null_space_rule='heldout'`, which enforces the budget on held-out data.",
+                stacklevel=3,
+            )
 
     def _save_new_projectors(self, location: str) -> Path:
         """Writes the run's projector file (on the main process) and logs its size; returns its path on every rank."""
@@ -254,6 +296,13 @@ class NSPOTrainer(GRPOTrainer):
             expected = calibration_record(
                 self.model, self.processing_class, calibration_dataset, self.args.calibration_settings()
             )
+            task_dataset = self._task_dataset()
+            if task_dataset is not None:
+                task = calibration_record(
+                    self.model, self.processing_class, task_dataset, self.args.calibration_settings()
+                )
+                expected.task_rows_fingerprint = task.rows_fingerprint
+                expected.task_prompt_fingerprint = task.prompt_fingerprint
         return projectors.validated_for_run(
             {name: constrained_input_dim(module) for name, module in modules.items()},
             self._model_fingerprint,

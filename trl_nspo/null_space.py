@@ -11,7 +11,7 @@ basis U or its complement R, whichever is smaller) and the row projection x ↦ 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
@@ -27,12 +27,61 @@ class NullSpaceError(ValueError):
 NullDimension = Callable[[torch.Tensor, float], int]
 
 
+@dataclass
+class InputStatistics:
+    """
+    What calibration measured of one layer input: its general-task covariance, split into folds over disjoint
+    calibration sequences, and optionally the covariance of the training task's inputs.
+
+    Args:
+        folds (`list[torch.Tensor]`):
+            d × d uncentred covariances (float64) of disjoint parts of the calibration sequences; their sum is the
+            covariance C the null space is computed from. With two or more, a null space computed without one fold
+            can be measured on it: the held-out share of [`Selection`].
+        task (`torch.Tensor`, *optional*):
+            d × d uncentred covariance of the training prompts and rollouts, for task-aware rules.
+    """
+
+    folds: list[torch.Tensor]
+    task: torch.Tensor | None = None
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        return sum(self.folds[1:], self.folds[0])
+
+
+@dataclass
+class Selection:
+    """
+    A selected null space and what it keeps.
+
+    Args:
+        basis ([`NullSpaceBasis`]):
+            The stored basis.
+        eigenvalues (`torch.Tensor`):
+            Ascending eigenvalues of the whole general covariance (stored in the projector file).
+        heldout_share (`float`, *optional*):
+            Share of general-input energy inside the null space on calibration data it was not computed from: the
+            pooled share of each fold's energy inside the null space of the same rule computed from the other folds.
+            `None` with a single fold.
+    """
+
+    basis: NullSpaceBasis
+    eigenvalues: torch.Tensor
+    heldout_share: float | None = None
+
+
+# A selection from statistics: (statistics, threshold, cap on the null dimension) → the selection.
+StatisticsSelection = Callable[[InputStatistics, float, "int | None"], Selection]
+
+
 @dataclass(frozen=True)
 class SelectionRule:
     """
-    One way of choosing the null space from a covariance's eigenvalues, registered by name in [`NULL_SPACE_RULES`].
-    A new rule is one function here, decorated with [`register_null_space_rule`] (plus a `NullSpaceRule` and
-    `NSPOConfig` field if its threshold is a new one).
+    One way of choosing the null space of a layer input, registered by name in [`NULL_SPACE_RULES`]. A new rule is one
+    function here, decorated with [`register_null_space_rule`] (from eigenvalues alone) or
+    [`register_statistics_rule`] (from the folds and task inputs), plus a `NullSpaceRule` and `NSPOConfig` field if its
+    threshold is a new one.
 
     Args:
         name (`str`):
@@ -41,21 +90,32 @@ class SelectionRule:
             The [`NullSpaceRule`] field holding its threshold, in (0, 1).
         symbol (`str`):
             How labels write the threshold (`α`, `ε`).
-        null_dimension (`Callable[[torch.Tensor, float], int]`):
-            The number of smallest eigen-directions in the null space, from non-negative ascending eigenvalues (the
-            largest positive) and the threshold.
         description (`str`):
             What the rule keeps, in words, with `{threshold}` where the threshold goes (for the model card).
         typical_values (`str`):
             Advice the error for a threshold out of range ends with.
+        null_dimension (`Callable[[torch.Tensor, float], int]`, *optional*):
+            For rules that select from eigenvalues alone: the number of smallest eigen-directions in the null space,
+            from non-negative ascending eigenvalues (the largest positive) and the threshold.
+        select (`Callable[[InputStatistics, float, int | None], Selection]`, *optional*):
+            For the other rules: the selection from an input's statistics, the threshold and the cap.
+        needs_task_inputs (`bool`, *optional*, defaults to `False`):
+            Whether `select` reads the training task's covariance.
     """
 
     name: str
     parameter: str
     symbol: str
-    null_dimension: NullDimension
     description: str
     typical_values: str
+    null_dimension: NullDimension | None = None
+    select: StatisticsSelection | None = None
+    needs_task_inputs: bool = False
+
+    @property
+    def needs_folds(self) -> bool:
+        """Whether the rule selects on held-out folds (it needs two or more)."""
+        return self.select is not None
 
     def check(self, threshold: float) -> None:
         """Raises [`NullSpaceError`] unless `threshold` is in (0, 1) (NaN is not)."""
@@ -84,8 +144,28 @@ def register_null_space_rule(
     """
 
     def register(null_dimension: NullDimension) -> NullDimension:
-        NULL_SPACE_RULES[name] = SelectionRule(name, parameter, symbol, null_dimension, description, typical_values)
+        NULL_SPACE_RULES[name] = SelectionRule(
+            name, parameter, symbol, description, typical_values, null_dimension=null_dimension
+        )
         return null_dimension
+
+    return register
+
+
+def register_statistics_rule(
+    name: str, parameter: str, symbol: str, description: str, typical_values: str, needs_task_inputs: bool = False
+) -> Callable[[StatisticsSelection], StatisticsSelection]:
+    """
+    Registers the decorated function `(statistics, threshold, max_null_dim) -> Selection` as the [`SelectionRule`]
+    `name`: a rule that selects on held-out calibration folds (and, with `needs_task_inputs`, the training task's
+    inputs) rather than on eigenvalues alone.
+    """
+
+    def register(select: StatisticsSelection) -> StatisticsSelection:
+        NULL_SPACE_RULES[name] = SelectionRule(
+            name, parameter, symbol, description, typical_values, select=select, needs_task_inputs=needs_task_inputs
+        )
+        return select
 
     return register
 
@@ -109,6 +189,145 @@ def _directions_within_energy_fraction(eigenvalues: torch.Tensor, energy: float)
     """The largest set of smallest eigen-directions whose eigenvalues sum to at most ε of the total."""
     cumulative = torch.cumsum(eigenvalues, dim=0)
     return int((cumulative <= energy * cumulative[-1]).sum().item())
+
+
+def _checked_folds(statistics: InputStatistics, rule_name: str) -> list[torch.Tensor]:
+    if len(statistics.folds) < 2:
+        raise NullSpaceError(
+            f"The {rule_name!r} null-space rule selects on calibration data each null space was not computed from, "
+            "so it needs the calibration covariance in two or more folds (`calibration_folds`)."
+        )
+    if torch.trace(statistics.covariance).item() <= 0.0:
+        raise NullSpaceError("The covariance is zero: the layer saw no calibration input (or only zeros).")
+    return statistics.folds
+
+
+def heldout_prefix_shares(directions_by_fold: Sequence[torch.Tensor], folds: Sequence[torch.Tensor]) -> torch.Tensor:
+    """
+    Out-of-fold shares of general-input energy in nested subspaces.
+
+    Args:
+        directions_by_fold (`Sequence[torch.Tensor]`):
+            For every fold f, d × K orthonormal directions computed without fold f, in the order they would be added
+            to the null space.
+        folds (`Sequence[torch.Tensor]`):
+            The folds' covariances C_f.
+
+    Returns:
+        `torch.Tensor`: K + 1 shares, the k-th being Σ_f tr(D_f,kᵀ·C_f·D_f,k) / Σ_f tr(C_f) with D_f,k the first k
+        directions of fold f; non-decreasing in k.
+    """
+    energies = sum(
+        (directions * (fold @ directions)).sum(dim=0)
+        for directions, fold in zip(directions_by_fold, folds, strict=True)
+    )
+    total = sum(torch.trace(fold) for fold in folds)
+    return torch.cat([energies.new_zeros(1), torch.cumsum(energies.clamp(min=0.0), dim=0)]) / total
+
+
+def _largest_prefix_within(shares: torch.Tensor, energy: float) -> int:
+    return int((shares[1:] <= energy).sum().item())
+
+
+@register_statistics_rule(
+    "heldout",
+    "energy",
+    "ε",
+    "smallest eigen-directions holding ≤ {threshold:g} of the input energy of calibration data they were not "
+    "computed from",
+    "Typical values are 1e-4 to 1e-2.",
+)
+def _directions_within_heldout_energy(
+    statistics: InputStatistics, energy: float, max_null_dim: int | None
+) -> Selection:
+    """
+    The energy rule with its budget enforced out of sample: for each fold, the smallest eigen-directions of the
+    covariance of the other folds are measured on that fold, and the null dimension is the largest k whose first k
+    directions hold ≤ ε of the held-out energy, pooled over folds. The null space itself is then the k smallest
+    eigen-directions of the whole covariance (computed from more data, it is at least as good in expectation).
+    """
+    folds = _checked_folds(statistics, "heldout")
+    total = statistics.covariance
+    limit = total.shape[0] if max_null_dim is None else min(max_null_dim, total.shape[0])
+    directions = [decompose_covariance(total - fold)[1][:, :limit] for fold in folds]
+    shares = heldout_prefix_shares(directions, folds)
+    null_dim = _largest_prefix_within(shares, energy)
+    eigenvalues, eigenvectors = decompose_covariance(total)
+    basis = NullSpaceBasis.from_eigh(eigenvalues, eigenvectors, null_dim)
+    return Selection(basis, eigenvalues, shares[null_dim].item())
+
+
+# Ridge added to the trace-normalised general covariance before the generalized eigenproblem, as a multiple of
+# ε / d: a direction whose sample general energy is below it cannot claim an arbitrarily large task/general ratio.
+TASK_RIDGE = 1.0
+
+
+def task_directions(
+    general: torch.Tensor, task: torch.Tensor, limit: int | None = None, ridge: float = 0.0
+) -> torch.Tensor:
+    """
+    Orthonormal directions ordered by how much more of the task's input energy than of the general inputs' they hold:
+    the generalized eigenvectors of T·v = μ·(G + ridge·I)·v (G, T the trace-normalised covariances), by decreasing μ,
+    orthonormalised in that order (the first k columns span the first k eigenvectors).
+
+    Args:
+        general (`torch.Tensor`):
+            d × d general-task covariance.
+        task (`torch.Tensor`):
+            d × d covariance of the training task's inputs.
+        limit (`int`, *optional*):
+            Directions to return (all d by default).
+        ridge (`float`, *optional*, defaults to `0.0`):
+            Added to G's diagonal (G has trace 1); a tiny floor keeps the Cholesky factor finite.
+
+    Returns:
+        `torch.Tensor`: d × limit, orthonormal columns, float64.
+    """
+    dim = general.shape[0]
+    limit = dim if limit is None else min(limit, dim)
+    normalised = general.double() / torch.trace(general.double())
+    task_normalised = task.double() / torch.trace(task.double())
+    floor = max(ridge, 1e-12)
+    factor = torch.linalg.cholesky(normalised + floor * torch.eye(dim, dtype=torch.float64, device=general.device))
+    whitened = torch.linalg.solve_triangular(factor, task_normalised, upper=False)
+    whitened = torch.linalg.solve_triangular(factor, whitened.T, upper=False)
+    _, vectors = decompose_covariance(whitened)
+    generalized = torch.linalg.solve_triangular(factor.T, vectors.flip(dims=[1])[:, :limit], upper=True)
+    orthonormal, _ = torch.linalg.qr(generalized)
+    return orthonormal
+
+
+@register_statistics_rule(
+    "task",
+    "energy",
+    "ε",
+    "directions holding the most training-task input energy per unit of general input energy, within ≤ {threshold:g} "
+    "of the input energy of calibration data they were not computed from",
+    "Typical values are 1e-4 to 1e-2.",
+    needs_task_inputs=True,
+)
+def _task_directions_within_heldout_energy(
+    statistics: InputStatistics, energy: float, max_null_dim: int | None
+) -> Selection:
+    """
+    Task-aware selection: the directions with the largest ratio of training-task to general input energy (a
+    generalized eigenproblem), as many as keep ≤ ε of the general energy of held-out folds. The guarantee on general
+    inputs is the same budget as the `heldout` rule's; what changes is which directions spend it.
+    """
+    folds = _checked_folds(statistics, "task")
+    if statistics.task is None or torch.trace(statistics.task).item() <= 0.0:
+        raise NullSpaceError(
+            "The 'task' null-space rule needs the training prompts' layer inputs (the trainer's `train_dataset`)."
+        )
+    total = statistics.covariance
+    ridge = TASK_RIDGE * energy / total.shape[0]
+    limit = total.shape[0] if max_null_dim is None else min(max_null_dim, total.shape[0])
+    directions = [task_directions(total - fold, statistics.task, limit, ridge) for fold in folds]
+    shares = heldout_prefix_shares(directions, folds)
+    null_dim = _largest_prefix_within(shares, energy)
+    eigenvalues = torch.linalg.eigvalsh(0.5 * (total + total.T))
+    basis = task_directions(total, statistics.task, null_dim, ridge)
+    return Selection(NullSpaceBasis(basis, stores_null=True), eigenvalues, shares[null_dim].item())
 
 
 @dataclass(frozen=True)
@@ -192,6 +411,10 @@ class NullSpaceRule:
         Returns:
             `int`: the null dimension k; the null basis is the first k eigenvectors.
         """
+        if self.selection.null_dimension is None:
+            raise NullSpaceError(
+                f"The {self.rule!r} rule selects on held-out calibration folds, not from eigenvalues alone."
+            )
         eigenvalues = eigenvalues.clamp(min=0.0)
         if eigenvalues[-1].item() <= 0.0:
             raise NullSpaceError("The covariance is zero: the layer saw no calibration input (or only zeros).")
@@ -199,6 +422,35 @@ class NullSpaceRule:
         if self.max_null_dim is not None:
             null_dim = min(null_dim, self.max_null_dim)
         return null_dim
+
+    @property
+    def selects_from_eigenvalues(self) -> bool:
+        """Whether the rule's null dimension follows from a covariance's eigenvalues alone (so a projector file's
+        stored eigenvalues can show that another such rule selects the same null spaces)."""
+        return self.selection.null_dimension is not None
+
+    def select(self, statistics: InputStatistics) -> Selection:
+        """
+        The null space of one layer input.
+
+        Args:
+            statistics ([`InputStatistics`]):
+                The input's general covariance in folds (one fold is enough for the eigenvalue rules; with more, the
+                held-out share is measured too) and, for task-aware rules, the task covariance.
+
+        Returns:
+            [`Selection`]: the stored basis, the eigenvalues of the whole covariance and the held-out share.
+        """
+        if self.selection.select is not None:
+            return self.selection.select(statistics, self.threshold, self.max_null_dim)
+        eigenvalues, eigenvectors = decompose_covariance(statistics.covariance)
+        null_dim = self.null_dimension(eigenvalues)
+        heldout_share = None
+        if len(statistics.folds) > 1:
+            total = statistics.covariance
+            directions = [decompose_covariance(total - fold)[1][:, :null_dim] for fold in statistics.folds]
+            heldout_share = heldout_prefix_shares(directions, statistics.folds)[null_dim].item()
+        return Selection(NullSpaceBasis.from_eigh(eigenvalues, eigenvectors, null_dim), eigenvalues, heldout_share)
 
 
 class CovarianceAccumulator:
@@ -226,9 +478,21 @@ class CovarianceAccumulator:
         self.token_count = 0
         self._generator = torch.Generator(device=device).manual_seed(seed)
 
+    @classmethod
+    def merged(cls, parts: Sequence[CovarianceAccumulator]) -> CovarianceAccumulator:
+        """The statistics of all the rows of `parts` (sums, sketches and token counts added)."""
+        merged = cls(parts[0].input_dim, parts[0].sketch.shape[1], device=parts[0].sum.device)
+        for part in parts:
+            merged.sum += part.sum
+            merged.sketch += part.sketch
+            merged.token_count += part.token_count
+        return merged
+
     def update(self, inputs: torch.Tensor) -> None:
         """Adds rows of `inputs` (shape `(..., d)`; pass only real tokens, padding already removed)."""
         rows = inputs.reshape(-1, self.input_dim).to(device=self.sum.device, dtype=torch.float64)
+        # float64 products: float32 ones are twice as fast on a CPU, but their rounding (about 1e-7 of the largest
+        # eigenvalue) moves directions that are exactly null into the range of a tight `relative` threshold.
         self.sum.addmm_(rows.T, rows)
         sketch_dim = self.sketch.shape[1]
         if sketch_dim:
@@ -295,6 +559,19 @@ class NullSpaceBasis:
         rows_in_basis_dtype = rows.to(self.basis.dtype)
         return torch.linalg.matrix_norm(rows_in_basis_dtype - self.project_rows(rows_in_basis_dtype))
 
+    def energy_share(self, covariance: torch.Tensor) -> float:
+        """
+        tr(P·C·P) / tr(C) = tr(Uᵀ·C·U) / tr(C): the share of the energy of inputs with uncentred covariance C that lies
+        inside the null space, which is what an update confined to it can reach of them (0 when C is zero).
+        """
+        covariance = covariance.double()
+        basis = self.basis.to(device=covariance.device, dtype=torch.float64)
+        total = torch.trace(covariance).item()
+        if total <= 0.0:
+            return 0.0
+        stored = (basis * (covariance @ basis)).sum().item()
+        return (stored if self.stores_null else total - stored) / total
+
     @property
     def num_bytes(self) -> int:
         return self.basis.numel() * self.basis.element_size()
@@ -313,9 +590,7 @@ def null_space_from_covariance(covariance: torch.Tensor, rule: NullSpaceRule) ->
     Returns:
         [`NullSpaceBasis`]: the stored basis, in float32.
     """
-    eigenvalues, eigenvectors = decompose_covariance(covariance)
-    null_dim = rule.null_dimension(eigenvalues)
-    return NullSpaceBasis.from_eigh(eigenvalues, eigenvectors, null_dim).to(dtype=torch.float32)
+    return rule.select(InputStatistics([covariance])).basis.to(dtype=torch.float32)
 
 
 def decompose_covariance(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,8 +16,9 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ class CalibrationRecord:
     batch_size: int | None = None
     sketch_dim: int | None = None
     groups_per_pass: int | None = None
+    folds: int | None = None
     seed: int | None = None
     rows: int | None = None
     truncated_rows: int | None = None
@@ -79,13 +81,22 @@ class CalibrationRecord:
         default=None,
         metadata=_checked_as("generation config and stop tokens of the calibration completions (fingerprint)"),
     )
+    # The training prompts a task-aware rule selected with (`None` for the other rules).
+    task_rows_fingerprint: str | None = field(
+        default=None, metadata=_checked_as("training dataset rows (fingerprint)")
+    )
+    task_prompt_fingerprint: str | None = field(
+        default=None, metadata=_checked_as("training prompt tokens (fingerprint)")
+    )
 
     def to_metadata(self) -> dict[str, Any]:
-        """The file's `calibration` JSON object. As format 2 has always written it: every field, except the
-        completion fingerprint of a calibration without completions."""
+        """The file's `calibration` JSON object: every field, except those a file may lack (the completion fingerprint
+        of a calibration without completions, the training prompts' fingerprints of a rule that does not read them,
+        the folds of a file written before they were kept), so a record read back writes the same JSON."""
         metadata = asdict(self)
-        if self.completion_fingerprint is None:
-            del metadata["completion_fingerprint"]
+        for name in ("completion_fingerprint", "task_rows_fingerprint", "task_prompt_fingerprint", "folds"):
+            if metadata[name] is None:
+                del metadata[name]
         return metadata
 
     @classmethod
@@ -168,6 +179,12 @@ class ProjectorGroup:
         eigenvalues (`torch.Tensor`, *optional*):
             The covariance's eigenvalues (ascending, float64) the basis was selected from, so another rule can be
             checked against the file without recalibrating (d numbers: the d × d eigenvectors would be too large).
+        calibration_share (`float`, *optional*):
+            Share of the calibration inputs' energy inside the null space, tr(Uᵀ·C·U) / tr(C): in-sample.
+        heldout_share (`float`, *optional*):
+            The same share on calibration data the null space was not computed from (pooled over folds, each measured
+            in the null space computed from the others): what the null space lets an update reach of general inputs
+            it never saw. `None` when calibration kept one fold.
     """
 
     module_names: list[str]
@@ -175,6 +192,8 @@ class ProjectorGroup:
     token_count: int
     input_sketch: torch.Tensor | None = None
     eigenvalues: torch.Tensor | None = None
+    calibration_share: float | None = None
+    heldout_share: float | None = None
 
 
 @dataclass
@@ -204,6 +223,16 @@ class NullSpaceProjectors:
     def null_dims(self) -> dict[str, tuple[int, int]]:
         """`{module name: (null dimension, input dimension)}` for every constrained module."""
         return {name: (basis.null_dim, basis.input_dim) for name, basis in self.basis_by_module().items()}
+
+    def null_energy_logs(self) -> dict[str, float]:
+        """The median over inputs of the in-sample and held-out shares of general-input energy inside the null
+        spaces (`nspo/calibration_null_energy`, `nspo/heldout_null_energy`), where the file records them."""
+        logs = {}
+        for key, attribute in (("calibration", "calibration_share"), ("heldout", "heldout_share")):
+            shares = [getattr(group, attribute) for group in self.groups.values()]
+            if shares and all(share is not None for share in shares):
+                logs[f"nspo/{key}_null_energy"] = statistics.median(shares)
+        return logs
 
     @property
     def num_bytes(self) -> int:
@@ -240,6 +269,8 @@ class NullSpaceProjectors:
                     "null_dim": group.basis.null_dim,
                     "stores_null": group.basis.stores_null,
                     "token_count": group.token_count,
+                    "calibration_share": group.calibration_share,
+                    "heldout_share": group.heldout_share,
                 }
                 for key, group in self.groups.items()
             },
@@ -320,7 +351,15 @@ class NullSpaceProjectors:
                 )
             sketch = tensors.get(f"{key}.input_sketch")
             eigenvalues = tensors.get(f"{key}.eigenvalues")
-            groups[key] = ProjectorGroup(entry["module_names"], basis, entry["token_count"], sketch, eigenvalues)
+            groups[key] = ProjectorGroup(
+                entry["module_names"],
+                basis,
+                entry["token_count"],
+                sketch,
+                eigenvalues,
+                entry.get("calibration_share"),
+                entry.get("heldout_share"),
+            )
         fingerprint = metadata.get("model_fingerprint")
         return cls(
             groups=groups,
@@ -415,7 +454,9 @@ class NullSpaceProjectors:
         if not differences:
             return
         detail = ""
-        if all(group.eigenvalues is not None for group in self.groups.values()):
+        # Only between rules that select eigen-directions from eigenvalues alone: the others choose other bases.
+        from_eigenvalues = self.rule.selects_from_eigenvalues and rule.selects_from_eigenvalues
+        if from_eigenvalues and all(group.eigenvalues is not None for group in self.groups.values()):
             changed = [
                 f"{key} ({group.basis.null_dim} → {rule.null_dimension(group.eigenvalues)})"
                 for key, group in self.groups.items()
@@ -451,9 +492,7 @@ class NullSpaceProjectors:
         for group in self.groups.values():
             kept = [name for name in group.module_names if name in wanted]
             if kept:
-                groups[kept[0]] = ProjectorGroup(
-                    kept, group.basis, group.token_count, group.input_sketch, group.eigenvalues
-                )
+                groups[kept[0]] = replace(group, module_names=kept)
         return NullSpaceProjectors(
             groups=groups, rule=self.rule, model_fingerprint=self.model_fingerprint, calibration=self.calibration
         )

@@ -8,7 +8,17 @@ from typing import Literal
 from datasets import Dataset, concatenate_datasets, load_dataset
 
 EmbeddedPromptSet = Literal[
-    "harmful_train", "harmful_eval", "benign_train", "benign_eval", "general_calibration", "general_eval"
+    "harmful_train",
+    "harmful_eval",
+    "harmful_heldout",
+    "benign_train",
+    "benign_eval",
+    "benign_heldout",
+    "general_calibration",
+    "general_eval",
+    "general_heldout",
+    "general_conversations",
+    "general_conversations_heldout",
 ]
 
 PROMPTS_DIR = Path(__file__).parent / "data"
@@ -16,30 +26,38 @@ PROMPTS_DIR = Path(__file__).parent / "data"
 
 def embedded_prompts(name: EmbeddedPromptSet) -> Dataset:
     """
-    Load one of the small prompt sets shipped with the demo kit, written for offline demos and smoke tests.
+    Load one of the prompt sets shipped with the demo kit, written for offline demos, benchmarks and smoke tests.
 
-    - `harmful_train` / `harmful_eval`: clearly harmful requests (weapons, hacking, fraud, self-harm, harassment,
-      drugs, ...), disjoint from each other;
-    - `benign_train` / `benign_eval`: benign requests that merely sound risky ("How do I kill a Python process?"),
-      to measure over-refusal;
-    - `general_calibration` / `general_eval`: general tasks (math, code, facts, instruction following, writing),
-      disjoint from each other. `general_eval` has an `answer` column, the expected short answer of the checkable
-      prompts and `None` for open-ended ones.
+    - `harmful_train` / `harmful_eval` / `harmful_heldout`: clearly harmful requests (weapons, hacking, fraud,
+      self-harm, harassment, drugs, ...), disjoint from each other;
+    - `benign_train` / `benign_eval` / `benign_heldout`: benign requests that merely sound risky ("How do I kill a
+      Python process?"), to measure over-refusal;
+    - `general_calibration` / `general_eval` / `general_heldout`: general tasks (math, code, facts, instruction
+      following, writing), disjoint from each other. `general_eval` and `general_heldout` have an `answer` column,
+      the expected short answer of the checkable prompts and `None` for open-ended ones;
+    - `general_conversations` / `general_conversations_heldout`: 1,024 and 256 conversations that
+      SmolLM2-135M-Instruct wrote itself (user turns sampled after its chat template's user prefix, then its greedy
+      answers of ≤ 96 tokens; `bench/build_general_conversations.py`), as a `messages` column: general-task data in
+      the quantity null spaces need, made without a dataset download. The default calibration data of the CLI.
+
+    The `*_heldout` sets are never trained or calibrated on by anything in this project: they are for measurement.
 
     Args:
         name (`str`):
-            The prompt set: `"harmful_train"`, `"harmful_eval"`, `"benign_train"`, `"benign_eval"`,
-            `"general_calibration"` or `"general_eval"`.
+            The set's name, as above.
 
     Returns:
         [`~datasets.Dataset`]: a conversational `prompt` column (`[{"role": "user", "content": ...}]`), a boolean
-        `is_harmful` column for the harmful and benign sets, and `answer` for `general_eval`.
+        `is_harmful` column for the harmful and benign sets, and `answer` for `general_eval` and `general_heldout`;
+        the conversation sets have a `messages` column instead of `prompt`.
     """
     path = PROMPTS_DIR / f"{name}.jsonl"
     if not path.is_file():
         available = sorted(file.stem for file in PROMPTS_DIR.glob("*.jsonl"))
         raise ValueError(f"Unknown embedded prompt set '{name}'; available: {available}.")
     dataset = load_dataset("json", data_files=str(path), split="train")
+    if "messages" in dataset.column_names:
+        return dataset
     dataset = dataset.map(lambda text: {"prompt": [{"role": "user", "content": text}]}, input_columns="prompt")
     if name.startswith(("harmful_", "benign_")):
         dataset = dataset.add_column("is_harmful", [name.startswith("harmful_")] * len(dataset))
