@@ -88,13 +88,17 @@ class Arm:
     # n > 1 adds n − 1 answers sampled at temperature 1, so the null spaces are estimated from about n times as many
     # tokens of the model's own general behaviour.
     calibration_answers: int = 1
+    # General calibration data: "prompts" (the 80 embedded prompts, each with the base model's greedy answer) or
+    # "conversations" (the 768 conversations SmolLM2 wrote itself, `general_conversations`, the CLI's default).
+    calibration_data: str = "prompts"
 
     @property
     def projectors_key(self) -> str:
         """Arms with the same key share one calibration (the rule, constrained modules and data decide it)."""
         threshold = NullSpaceRule(self.rule, self.alpha, self.energy).threshold
         key = f"{self.rule}-{threshold:.0e}-max{self.max_null_dim}-{'mlp' if self.constrained else 'all'}"
-        return key + (f"-answers{self.calibration_answers}" if self.calibration_answers > 1 else "")
+        key += f"-answers{self.calibration_answers}" if self.calibration_answers > 1 else ""
+        return key + ("-conversations" if self.calibration_data == "conversations" else "")
 
     @property
     def label(self) -> str:
@@ -102,6 +106,8 @@ class Arm:
             return f"GRPO lr={self.learning_rate:.0e}" + (f" r={self.lora_r}" if self.lora_r != 8 else "")
         null_space_rule = NullSpaceRule(self.rule, self.alpha, self.energy)
         rule = f"{null_space_rule.selection.symbol}={null_space_rule.threshold:.0e}"
+        if self.rule in ("heldout", "task"):
+            rule = f"{self.rule} {rule}"
         parts = [("NSPO grad-only" if self.method == "grad_only" else "NSPO"), rule, f"lr={self.learning_rate:.0e}"]
         if self.max_null_dim != 128:
             parts.append("uncapped" if self.max_null_dim is None else f"max {self.max_null_dim}")
@@ -111,6 +117,8 @@ class Arm:
             parts.append("MLP-only")
         if self.calibration_answers > 1:
             parts.append(f"{self.calibration_answers} answers/prompt")
+        if self.calibration_data == "conversations":
+            parts.append("own conversations")
         return " ".join(parts)
 
 
@@ -140,7 +148,12 @@ FRONT_ARMS = (
     Arm("nspo_answers8_lr2e-2", "nspo", learning_rate=2e-2, calibration_answers=8),
     Arm("nspo_answers8_lr3e-2", "nspo", learning_rate=3e-2, calibration_answers=8),
 )
-ARMS = {arm.key: arm for arm in MAIN_ARMS + FRONT_ARMS}
+# The null-space issue's RL check: the lr-2e-2 arm with the null spaces chosen in BENCHMARKS.md section 6.
+NULL_SPACE_ARMS = (
+    Arm("nspo_heldout_conv_lr2e-2", "nspo", learning_rate=2e-2, rule="heldout", calibration_data="conversations"),
+    Arm("nspo_task_conv_lr2e-2", "nspo", learning_rate=2e-2, rule="task", calibration_data="conversations"),
+)
+ARMS = {arm.key: arm for arm in MAIN_ARMS + FRONT_ARMS + NULL_SPACE_ARMS}
 
 METRICS = (
     *EVALUATION_ROWS,
@@ -287,10 +300,12 @@ def train_and_evaluate(arguments: SafetyGainArguments, arm: Arm, seed: int, mode
         calibration = embedded_prompts("general_calibration")
         if arm.calibration_answers > 1:
             calibration = sampled_calibration(model_path, arm.calibration_answers, Path(arguments.runs_file).parent)
+        if arm.calibration_data == "conversations":
+            calibration = embedded_prompts("general_conversations")
         nspo = NSPOConfig(
             **config,
             calibration_num_samples=len(calibration),
-            calibration_generate_completions=arm.calibration_answers == 1,
+            calibration_generate_completions=arm.calibration_answers == 1 and arm.calibration_data == "prompts",
             calibration_completion_length=CALIBRATION_ANSWER_TOKENS,
             calibration_batch_size=16,
             null_space_rule=arm.rule,

@@ -287,3 +287,10 @@ def demo(argv: Sequence[str]) -> None:
 
     (arguments,) = TrlParser((DemoArguments,), prog="trl-nspo demo").parse_args_and_config(args=list(argv))
     run_demo(arguments)
+
+
+def front(argv: Sequence[str]) -> None:
+    from .demo.front import FrontArguments, run_front
+
+    (arguments,) = TrlParser((FrontArguments,), prog="trl-nspo front").parse_args_and_config(args=list(argv))
+    run_front(arguments)

@@ -213,6 +213,25 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def lora_scaled(model: nn.Module, factor: float) -> Iterator[None]:
+    """
+    A context in which every active LoRA adapter's update s·B·A is multiplied by `factor` (PEFT's per-adapter
+    scaling s), so that `factor` in (0, 1) interpolates between the base model and the trained one. An NSPO adapter
+    scaled so stays in its null spaces: A is unchanged.
+    """
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    saved = [(layer, dict(layer.scaling)) for layer in layers]
+    for layer in layers:
+        for adapter in lora_adapters(layer):
+            layer.scaling[adapter] *= factor
+    try:
+        yield
+    finally:
+        for layer, scaling in saved:
+            layer.scaling.update(scaling)
+
+
 def check_peft_config(peft_config: PeftConfig | None, allow_unconstrained_parameters: bool = False) -> list[str]:
     """
     Refuses adapter settings that change general-task outputs outside the projection.
