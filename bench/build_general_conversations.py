@@ -1,8 +1,8 @@
 """Builds the embedded general-task conversations (`trl_nspo/demo/data/general_conversations*.jsonl`) from
 SmolLM2-135M-Instruct alone, without any dataset: user turns the model samples after its own chat template's user
 prefix (`trl_nspo.calibration_data.sampled_user_prompts`), then its greedy answers (float32, as calibration computes
-them). The first 1,024 become the default calibration set, the last 256 a held-out set of the same kind that nothing
-calibrates or trains on.
+them). The first 768 become the default calibration set, the rest (226 of the 994 distinct user turns that ended
+within 64 tokens) a held-out set of the same kind that nothing calibrates or trains on.
 
     python bench/build_general_conversations.py   # ~30 min on 2 cores (generation of ~150k tokens)
 """
@@ -21,7 +21,7 @@ from trl_nspo.demo import prepare_smollm2
 from trl_nspo.demo.prompts import PROMPTS_DIR
 
 SAMPLED_PROMPTS = 1280
-CALIBRATION_CONVERSATIONS = 1024
+CALIBRATION_CONVERSATIONS = 768
 PROMPT_TOKENS = 64
 ANSWER_TOKENS = 96
 SEED = 1234

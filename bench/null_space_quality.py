@@ -53,11 +53,11 @@ class QualityArguments:
             The budget ε of every rule.
         max_null_dim (`int`, *optional*, defaults to `128`):
             The cap of every rule.
-        chunk_size (`int`, *optional*, defaults to `64`):
+        chunk_size (`int`, *optional*, defaults to `48`):
             Conversations per covariance chunk; prefixes of 2, 4, 8, … chunks make the tokens curve, and even and
             odd chunks are the two folds of the held-out rules.
         num_chunks (`int`, *optional*, defaults to `16`):
-            Chunks of the model's own conversations (`general_conversations`, 1,024 in all at the defaults).
+            Chunks of the model's own conversations (`general_conversations`, all 768 at the defaults).
         answer_tokens (`int`, *optional*, defaults to `48`):
             Greedy answer tokens appended to every evaluation and training prompt.
         task_prefixes (`list[int]`, *optional*):
@@ -68,7 +68,7 @@ class QualityArguments:
     quick: bool = field(default=False, metadata={"help": "Tiny settings for a smoke test."})
     energy: float = field(default=1e-3, metadata={"help": "Budget ε of every rule."})
     max_null_dim: int = field(default=128, metadata={"help": "Cap of every rule."})
-    chunk_size: int = field(default=64, metadata={"help": "Conversations per covariance chunk."})
+    chunk_size: int = field(default=48, metadata={"help": "Conversations per covariance chunk."})
     num_chunks: int = field(default=16, metadata={"help": "Chunks of the model's own conversations."})
     answer_tokens: int = field(default=48, metadata={"help": "Greedy answer tokens after each evaluation prompt."})
     task_prefixes: list[int] | None = field(default=None, metadata={"help": "Prefixes (chunks) for task/soft."})
@@ -193,10 +193,10 @@ def main() -> None:
         "task": NullSpaceRule(rule="task", energy=arguments.energy, max_null_dim=arguments.max_null_dim),
     }
     prefixes: list[int | None] = [None]
-    size = 2
-    while size <= arguments.num_chunks:
-        prefixes.append(size)
-        size *= 2
+    size = arguments.num_chunks
+    while size >= 2 and len(prefixes) < 4:
+        prefixes.insert(1, size)
+        size //= 2
     task_prefixes = arguments.task_prefixes or [prefixes[-1]]
     for prefix in prefixes:
         tokens = old_tokens if prefix is None else sum(chunk_tokens[:prefix])
@@ -216,7 +216,11 @@ def main() -> None:
                     for set_name, share in soft_energy_shares(totals[group], evaluated, arguments.energy).items():
                         soft_shares[set_name][group] = share
                     continue
-                selection = rules[rule_name].select(InputStatistics(folds, task=evaluation["train"][group]))
+                # The energy rule selects from the merged covariance; its fold estimate (two more eigendecompositions)
+                # is computed where the other rules run too.
+                measured_folds = folds if rule_name != "energy" or len(names) > 2 else [totals[group]]
+                statistics = InputStatistics(measured_folds, task=evaluation["train"][group])
+                selection = rules[rule_name].select(statistics)
                 bases[group] = selection.basis
                 null_dims[group] = selection.basis.null_dim
                 heldout_estimates[group] = selection.heldout_share
@@ -237,7 +241,8 @@ def main() -> None:
                 run["null_dims"] = null_dims
                 run["null_dim_mean"] = sum(null_dims.values()) / len(null_dims)
                 run["null_dim_min"] = min(null_dims.values())
-                run["fold_heldout_estimate"] = NullSpaceEnergy(heldout_estimates).summary()
+                if None not in heldout_estimates.values():
+                    run["fold_heldout_estimate"] = NullSpaceEnergy(heldout_estimates).summary()
             results["runs"].append(run)
             summary = run["summary"]
             print(

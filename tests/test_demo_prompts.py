@@ -9,7 +9,14 @@ EMBEDDED_SIZES = {
     "benign_eval": 30,
     "general_calibration": 80,
     "general_eval": 40,
+    "harmful_heldout": 120,
+    "benign_heldout": 120,
+    "general_heldout": 120,
 }
+CONVERSATION_SIZES = {"general_conversations": 768, "general_conversations_heldout": 226}
+# Sets nothing in this project trains or calibrates on, and those it does.
+HELD_OUT = ("harmful_eval", "harmful_heldout", "benign_eval", "benign_heldout", "general_eval", "general_heldout")
+TRAINED_OR_CALIBRATED = ("harmful_train", "benign_train", "general_calibration")
 
 
 def contents(dataset):
@@ -28,7 +35,7 @@ class TestEmbeddedPrompts:
         if name.startswith(("harmful_", "benign_")):
             assert dataset.column_names == ["prompt", "is_harmful"]
             assert set(dataset["is_harmful"]) == {name.startswith("harmful_")}
-        elif name == "general_eval":
+        elif name in ("general_eval", "general_heldout"):
             assert dataset.column_names == ["prompt", "answer"]
         else:
             assert dataset.column_names == ["prompt"]
@@ -39,6 +46,26 @@ class TestEmbeddedPrompts:
     )
     def test_train_and_eval_are_disjoint(self, train, evaluation):
         assert not set(contents(embedded_prompts(train))) & set(contents(embedded_prompts(evaluation)))
+
+    def test_no_held_out_prompt_is_trained_or_calibrated_on(self):
+        held_out = [text.lower() for name in HELD_OUT for text in contents(embedded_prompts(name))]
+        assert len(held_out) == len(set(held_out))
+        used = {text.lower() for name in TRAINED_OR_CALIBRATED for text in contents(embedded_prompts(name))}
+        used |= {row[0]["content"].lower() for row in embedded_prompts("general_conversations")["messages"]}
+        assert not used & set(held_out)
+
+    @pytest.mark.parametrize("name", list(CONVERSATION_SIZES))
+    def test_conversations_are_a_user_turn_and_the_models_answer(self, name):
+        dataset = embedded_prompts(name)
+        assert len(dataset) == CONVERSATION_SIZES[name] and dataset.column_names == ["messages"]
+        assert all([m["role"] for m in row] == ["user", "assistant"] for row in dataset["messages"])
+        assert all(row[0]["content"].strip() and row[1]["content"].strip() for row in dataset["messages"])
+
+    def test_held_out_conversations_are_not_in_the_calibration_set(self):
+        def users(name):
+            return {row[0]["content"] for row in embedded_prompts(name)["messages"]}
+
+        assert not users("general_conversations") & users("general_conversations_heldout")
 
     def test_general_eval_answers(self):
         dataset = embedded_prompts("general_eval")

@@ -64,7 +64,8 @@ class CalibrateArguments:
 
     Args:
         calibration_dataset_name (`str`, *optional*):
-            Hub id, local file or folder of general-task data; `None` uses the embedded general prompts.
+            Hub id, local file or folder of general-task data; `None` uses the 768 embedded conversations
+            SmolLM2-135M-Instruct wrote itself (`general_conversations`, used as they are: no generation).
         calibration_dataset_split (`str`, *optional*, defaults to `"train"`):
             Split to read.
         calibration_text_column (`str`, *optional*):
@@ -73,7 +74,7 @@ class CalibrateArguments:
 
     calibration_dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Hub id, local file or folder of general-task data; default: the embedded general prompts."},
+        metadata={"help": "Hub id, local file or folder of general-task data; default: 768 embedded conversations."},
     )
     calibration_dataset_split: str = field(default="train", metadata={"help": "Split of the calibration dataset."})
     calibration_text_column: str | None = field(
@@ -137,7 +138,8 @@ def _calibration_dataset(arguments: CalibrateArguments, num_samples: int):
     from .demo import embedded_prompts
 
     if arguments.calibration_dataset_name is None:
-        return embedded_prompts("general_calibration")
+        # The model's own conversations: general-task data in the quantity null spaces need (BENCHMARKS.md section 6).
+        return embedded_prompts("general_conversations")
     return load_calibration_dataset(
         arguments.calibration_dataset_name,
         split=arguments.calibration_dataset_split,

@@ -35,7 +35,7 @@ def embedded_prompts(name: EmbeddedPromptSet) -> Dataset:
     - `general_calibration` / `general_eval` / `general_heldout`: general tasks (math, code, facts, instruction
       following, writing), disjoint from each other. `general_eval` and `general_heldout` have an `answer` column,
       the expected short answer of the checkable prompts and `None` for open-ended ones;
-    - `general_conversations` / `general_conversations_heldout`: 1,024 and 256 conversations that
+    - `general_conversations` / `general_conversations_heldout`: 768 and 226 conversations that
       SmolLM2-135M-Instruct wrote itself (user turns sampled after its chat template's user prefix, then its greedy
       answers of ≤ 96 tokens; `bench/build_general_conversations.py`), as a `messages` column: general-task data in
       the quantity null spaces need, made without a dataset download. The default calibration data of the CLI.
