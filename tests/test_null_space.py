@@ -304,6 +304,12 @@ class TestHeldoutSelection:
         covariance = covariance_of(anisotropic_rows(50, SCALES, seed=0))
         with pytest.raises(NullSpaceError, match="two or more folds"):
             NullSpaceRule(rule="heldout").select(InputStatistics([covariance]))
+        empty = torch.zeros_like(covariance)
+        with pytest.raises(NullSpaceError, match="one fold is empty"):
+            NullSpaceRule(rule="heldout").select(InputStatistics([covariance, empty]))
+        # The eigenvalue rules select as before, without a held-out estimate.
+        selection = NullSpaceRule(rule="energy", energy=1e-3).select(InputStatistics([covariance, empty]))
+        assert selection.heldout_share is None and selection.basis.null_dim > 0
         with pytest.raises(NullSpaceError, match="selects on held-out calibration folds, not from eigenvalues"):
             NullSpaceRule(rule="heldout").null_dimension(torch.ones(3, dtype=torch.float64))
 

@@ -31,8 +31,8 @@ class NSPOConfig(GRPOConfig):
             preserved behaviour includes the model's responses (as in the paper).
         calibration_completion_length (`int`, *optional*, defaults to `128`):
             Maximum tokens of each generated calibration completion.
-        calibration_batch_size (`int`, *optional*, defaults to `8`):
-            Sequences per calibration forward pass.
+        calibration_batch_size (`int`, *optional*, defaults to `32`):
+            Sequences per calibration forward pass and per batch of greedy calibration completions.
         calibration_groups_per_pass (`int`, *optional*):
             Layer-input covariances (d × d in float64 each, one per fold) held in memory at once. Lower it to
             calibrate large models on small GPUs, at the cost of one forward pass over the data per chunk. `None` does
@@ -104,8 +104,8 @@ class NSPOConfig(GRPOConfig):
         metadata={"help": "Maximum tokens of each generated calibration completion."},
     )
     calibration_batch_size: int = field(
-        default=8,
-        metadata={"help": "Sequences per calibration forward pass."},
+        default=32,
+        metadata={"help": "Sequences per calibration forward pass and per batch of greedy completions."},
     )
     calibration_groups_per_pass: int | None = field(
         default=None,

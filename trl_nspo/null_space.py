@@ -49,6 +49,11 @@ class InputStatistics:
     def covariance(self) -> torch.Tensor:
         return sum(self.folds[1:], self.folds[0])
 
+    @property
+    def folds_are_filled(self) -> bool:
+        """Whether there are two or more folds and every one saw inputs (a null space can be measured held out)."""
+        return len(self.folds) > 1 and all(torch.trace(fold).item() > 0.0 for fold in self.folds)
+
 
 @dataclass
 class Selection:
@@ -199,6 +204,11 @@ def _checked_folds(statistics: InputStatistics, rule_name: str) -> list[torch.Te
         )
     if torch.trace(statistics.covariance).item() <= 0.0:
         raise NullSpaceError("The covariance is zero: the layer saw no calibration input (or only zeros).")
+    if not statistics.folds_are_filled:
+        raise NullSpaceError(
+            f"The {rule_name!r} null-space rule needs calibration inputs in every fold, and one fold is empty; pass "
+            "more calibration rows (at least one per fold and process)."
+        )
     return statistics.folds
 
 
@@ -446,7 +456,7 @@ class NullSpaceRule:
         eigenvalues, eigenvectors = decompose_covariance(statistics.covariance)
         null_dim = self.null_dimension(eigenvalues)
         heldout_share = None
-        if len(statistics.folds) > 1:
+        if statistics.folds_are_filled:
             total = statistics.covariance
             directions = [decompose_covariance(total - fold)[1][:, :null_dim] for fold in statistics.folds]
             heldout_share = heldout_prefix_shares(directions, statistics.folds)[null_dim].item()
