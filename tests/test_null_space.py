@@ -361,3 +361,13 @@ class TestTaskAwareSelection:
         folds = [covariance_of(rows[:200]), covariance_of(rows[200:])]
         with pytest.raises(NullSpaceError, match="needs the training prompts' layer inputs"):
             NullSpaceRule(rule="task").select(InputStatistics(folds))
+
+
+def test_float32_products_round_like_float32_and_only_budget_rules_use_them():
+    rows = anisotropic_rows(3000, torch.logspace(0, -3, 16, dtype=torch.float64), seed=5)
+    accumulator = CovarianceAccumulator(16, float32_products=True)
+    for batch in rows.float().split(500):
+        accumulator.update(batch)
+    exact = rows.float().double().T @ rows.float().double()
+    assert 0 < ((accumulator.sum - exact).abs().max() / exact.abs().max()).item() < 1e-6
+    assert [name for name, rule in NULL_SPACE_RULES.items() if rule.exact_kernel] == ["relative"]

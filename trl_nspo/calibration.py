@@ -84,6 +84,7 @@ def _accumulate_covariances(
     settings: CalibrationSettings,
     show_progress: bool,
     description: str,
+    float32_products: bool,
 ) -> dict[str, list[CovarianceAccumulator]]:
     device = next(model.parameters()).device
     # Each process sketches with its own seed: the summed sketch then has independent columns on every token.
@@ -107,6 +108,7 @@ def _accumulate_covariances(
                         settings.sketch_dim,
                         device=device,
                         seed=settings.seed + state.process_index + fold * state.num_processes,
+                        float32_products=float32_products,
                     )
                     for fold in range(settings.folds)
                 ]
@@ -145,6 +147,7 @@ def layer_input_fold_covariances(
     pad_id: int,
     settings: CalibrationSettings,
     show_progress: bool = True,
+    float32_products: bool = False,
 ) -> Iterator[tuple[list[str], list[CovarianceAccumulator]]]:
     """
     Runs token sequences through the model (adapters disabled, eval mode) and yields, for each set of modules that
@@ -167,6 +170,9 @@ def layer_input_fold_covariances(
             Batch size, sketch size, folds, groups per pass and seed.
         show_progress (`bool`, *optional*, defaults to `True`):
             Show a progress bar.
+        float32_products (`bool`, *optional*, defaults to `False`):
+            Multiply in float32 (see [`~null_space.CovarianceAccumulator`]): for null spaces selected with an energy
+            budget, not for an exact kernel or an exact measurement.
 
     Yields:
         `tuple[list[str], list[CovarianceAccumulator]]`: the module names sharing the input, and its statistics per
@@ -183,7 +189,7 @@ def layer_input_fold_covariances(
             if len(passes) > 1:
                 description += f" (pass {index + 1}/{len(passes)})"
             accumulators = _accumulate_covariances(
-                model, modules, pass_groups, sequences, pad_id, settings, show_progress, description
+                model, modules, pass_groups, sequences, pad_id, settings, show_progress, description, float32_products
             )
             # The caller decomposes each covariance between two yields: this bar shows that work.
             for group in tqdm(pass_groups, desc="NSPO calibration: null spaces", disable=not show_progress):
@@ -197,11 +203,14 @@ def layer_input_covariances(
     pad_id: int,
     settings: CalibrationSettings,
     show_progress: bool = True,
+    float32_products: bool = False,
 ) -> Iterator[tuple[list[str], CovarianceAccumulator]]:
     """
     As [`layer_input_fold_covariances`], with the folds merged: each shared input's statistics over every sequence.
     """
-    for group, folds in layer_input_fold_covariances(model, modules, sequences, pad_id, settings, show_progress):
+    for group, folds in layer_input_fold_covariances(
+        model, modules, sequences, pad_id, settings, show_progress, float32_products
+    ):
         yield group, CovarianceAccumulator.merged(folds)
 
 
@@ -252,6 +261,8 @@ def compute_projectors(
     modules = find_constrained_modules(model, target_modules)
     fingerprint = model_fingerprint(model)
     pad_id = pad_token_id(processing_class)
+    # Twice as fast on a CPU, and its rounding is far below any energy budget (not an exact kernel's threshold).
+    float32_products = not rule.selection.exact_kernel
     task_covariances: dict[str, torch.Tensor] = {}
     task_record = None
     if rule.selection.needs_task_inputs:
@@ -262,8 +273,9 @@ def compute_projectors(
             )
         task_sequences, _ = calibration_token_sequences(model, processing_class, task_dataset, settings, show_progress)
         task_settings = replace(settings, folds=1, sketch_dim=0)
+        task_sequences = _local_share(task_sequences, "training")
         for names, accumulator in layer_input_covariances(
-            model, modules, _local_share(task_sequences, "training"), pad_id, task_settings, show_progress
+            model, modules, task_sequences, pad_id, task_settings, show_progress, float32_products
         ):
             task_covariances[names[0]] = accumulator.sum
         task_record = calibration_record(model, processing_class, task_dataset, settings)
@@ -275,7 +287,9 @@ def compute_projectors(
             f"process, and this process has {len(local_sequences)}; pass more calibration rows."
         )
     groups: dict[str, ProjectorGroup] = {}
-    for names, folds in layer_input_fold_covariances(model, modules, local_sequences, pad_id, settings, show_progress):
+    for names, folds in layer_input_fold_covariances(
+        model, modules, local_sequences, pad_id, settings, show_progress, float32_products
+    ):
         statistics = InputStatistics([fold.sum for fold in folds], task=task_covariances.pop(names[0], None))
         try:
             selection = rule.select(statistics)

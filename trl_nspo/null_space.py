@@ -106,6 +106,9 @@ class SelectionRule:
             For the other rules: the selection from an input's statistics, the threshold and the cap.
         needs_task_inputs (`bool`, *optional*, defaults to `False`):
             Whether `select` reads the training task's covariance.
+        exact_kernel (`bool`, *optional*, defaults to `False`):
+            Whether the rule can select directions whose eigenvalues are at rounding level (a relative threshold far
+            below float32's 1e-7), so that calibration must multiply in float64.
     """
 
     name: str
@@ -116,6 +119,7 @@ class SelectionRule:
     null_dimension: NullDimension | None = None
     select: StatisticsSelection | None = None
     needs_task_inputs: bool = False
+    exact_kernel: bool = False
 
     @property
     def needs_folds(self) -> bool:
@@ -140,7 +144,7 @@ NULL_SPACE_RULES: dict[str, SelectionRule] = {}
 
 
 def register_null_space_rule(
-    name: str, parameter: str, symbol: str, description: str, typical_values: str
+    name: str, parameter: str, symbol: str, description: str, typical_values: str, exact_kernel: bool = False
 ) -> Callable[[NullDimension], NullDimension]:
     """
     Registers the decorated function `(eigenvalues, threshold) -> null dimension` as the [`SelectionRule`] `name`,
@@ -150,7 +154,13 @@ def register_null_space_rule(
 
     def register(null_dimension: NullDimension) -> NullDimension:
         NULL_SPACE_RULES[name] = SelectionRule(
-            name, parameter, symbol, description, typical_values, null_dimension=null_dimension
+            name,
+            parameter,
+            symbol,
+            description,
+            typical_values,
+            null_dimension=null_dimension,
+            exact_kernel=exact_kernel,
         )
         return null_dimension
 
@@ -176,7 +186,12 @@ def register_statistics_rule(
 
 
 @register_null_space_rule(
-    "relative", "alpha", "α", "eigenvalues below {threshold:g} × the largest", "The original NSPO code uses 5e-5."
+    "relative",
+    "alpha",
+    "α",
+    "eigenvalues below {threshold:g} × the largest",
+    "The original NSPO code uses 5e-5.",
+    exact_kernel=True,
 )
 def _directions_below_relative_threshold(eigenvalues: torch.Tensor, alpha: float) -> int:
     """Every eigen-direction with eigenvalue < α · the largest (the original NSPO code, α = 5e-5)."""
@@ -479,10 +494,23 @@ class CovarianceAccumulator:
             Where the sums live.
         seed (`int`, *optional*, defaults to `0`):
             Seed of the sketch's random matrix.
+        float32_products (`bool`, *optional*, defaults to `False`):
+            Multiply each batch's rows in float32 and add the products to the float64 sum: twice as fast on a CPU,
+            with a rounding of about 1e-7 of the largest eigenvalue. That is far below any energy budget, but it
+            moves exactly-null directions above a tight `relative` threshold, so calibration uses float32 products
+            for the budget rules only (`SelectionRule.exact_kernel`).
     """
 
-    def __init__(self, input_dim: int, sketch_dim: int = 0, device: torch.device | str = "cpu", seed: int = 0):
+    def __init__(
+        self,
+        input_dim: int,
+        sketch_dim: int = 0,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        float32_products: bool = False,
+    ):
         self.input_dim = input_dim
+        self.float32_products = float32_products
         self.sum = torch.zeros(input_dim, input_dim, dtype=torch.float64, device=device)
         self.sketch = torch.zeros(input_dim, sketch_dim, dtype=torch.float64, device=device)
         self.token_count = 0
@@ -500,12 +528,16 @@ class CovarianceAccumulator:
 
     def update(self, inputs: torch.Tensor) -> None:
         """Adds rows of `inputs` (shape `(..., d)`; pass only real tokens, padding already removed)."""
-        rows = inputs.reshape(-1, self.input_dim).to(device=self.sum.device, dtype=torch.float64)
-        # float64 products: float32 ones are twice as fast on a CPU, but their rounding (about 1e-7 of the largest
-        # eigenvalue) moves directions that are exactly null into the range of a tight `relative` threshold.
-        self.sum.addmm_(rows.T, rows)
+        rows = inputs.reshape(-1, self.input_dim).to(device=self.sum.device)
+        if self.float32_products:
+            rows = rows.float()
+            self.sum += (rows.T @ rows).double()
+        else:
+            rows = rows.double()
+            self.sum.addmm_(rows.T, rows)
         sketch_dim = self.sketch.shape[1]
         if sketch_dim:
+            rows = rows.double()
             gaussian = torch.randn(
                 rows.shape[0], sketch_dim, generator=self._generator, dtype=torch.float64, device=rows.device
             )
