@@ -199,8 +199,9 @@ class _ConstrainedWeight:
     adapter: str | None = None
     # The parameter in the bound model (see `NullSpaceConstraint.bind`).
     parameter: nn.Parameter | None = None
-    # Full fine-tuning only: the part of the starting weight (one row per output) outside the null space (W₀·R when R
-    # is stored, else W₀ itself), so that W ← W₀ + (W − W₀)·P can be applied without a full copy when R is smaller.
+    # Full fine-tuning only: the part of the starting weight (one row per output) outside the null space (W₀·R in
+    # float64 when R is stored, else W₀ itself), so that W ← W₀ + (W − W₀)·P can be applied without a full copy when R
+    # is smaller.
     anchor: torch.Tensor | None = None
     # Rows = a sketch of the calibration inputs; `base_outputs` = W₀ applied to them in float32 (full fine-tuning),
     # `base_outputs_in_compute_dtype` the same as the forward computes it when that is not float32, and
@@ -324,7 +325,9 @@ class _FullFineTuningStrategy:
     def entries(self, name: str, module: nn.Module, basis: NullSpaceBasis) -> list[_ConstrainedWeight]:
         entry = _ConstrainedWeight(name, basis, module.weight.dtype, transposed=isinstance(module, Conv1D))
         start = entry.as_rows(module.weight.detach().float())
-        entry.anchor = start.clone() if basis.stores_null else start @ basis.basis
+        # W₀·R in float64: W·R − W₀·R cancels almost entirely for a small update, and float32 would leave about 10×
+        # more of it outside the null space than the null-basis branch does.
+        entry.anchor = start.clone() if basis.stores_null else start.double() @ basis.basis.double()
         return [entry]
 
     @torch.no_grad()
@@ -349,9 +352,9 @@ class _FullFineTuningStrategy:
         anchor = entry.anchor
         if entry.basis.stores_null:
             return anchor + entry.basis.project_rows(rows - anchor)
-        # W₀ + (W − W₀)·(I − R·Rᵀ) = W − (W·R − W₀·R)·Rᵀ
-        basis = entry.basis.basis
-        return rows - (rows @ basis - anchor) @ basis.T
+        # W₀ + (W − W₀)·(I − R·Rᵀ) = W − (W·R − W₀·R)·Rᵀ, the difference in float64 (see `entries`).
+        basis = entry.basis.basis.to(device=rows.device, dtype=torch.float64)
+        return rows - ((rows.double() @ basis - anchor) @ basis.T).to(rows.dtype)
 
     def output_change(self, entry: _ConstrainedWeight, module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         # The outputs of this process's rows only (all of them without sharding).
