@@ -64,6 +64,8 @@ from trl_nspo.precision import bf16_supported
 from trl_nspo.rewards import RefusalReward
 
 MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
+# Conversations of the CLI's default calibration data (`trl_nspo.commands.DEFAULT_CALIBRATION_CONVERSATIONS`).
+DEFAULT_CONVERSATIONS = 256
 # Tokens of each calibration answer (as the demo calibrates).
 CALIBRATION_ANSWER_TOKENS = 16
 
@@ -89,7 +91,8 @@ class Arm:
     # tokens of the model's own general behaviour.
     calibration_answers: int = 1
     # General calibration data: "prompts" (the 80 embedded prompts, each with the base model's greedy answer) or
-    # "conversations" (the 768 conversations SmolLM2 wrote itself, `general_conversations`, the CLI's default).
+    # "conversations" (the first 256 of the conversations SmolLM2 wrote itself, `general_conversations`, the CLI's
+    # default).
     calibration_data: str = "prompts"
 
     @property
@@ -301,7 +304,7 @@ def train_and_evaluate(arguments: SafetyGainArguments, arm: Arm, seed: int, mode
         if arm.calibration_answers > 1:
             calibration = sampled_calibration(model_path, arm.calibration_answers, Path(arguments.runs_file).parent)
         if arm.calibration_data == "conversations":
-            calibration = embedded_prompts("general_conversations")
+            calibration = embedded_prompts("general_conversations").select(range(DEFAULT_CONVERSATIONS))
         nspo = NSPOConfig(
             **config,
             calibration_num_samples=len(calibration),

@@ -2,6 +2,7 @@
 a prepared model, and the engine policy."""
 
 import copy
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -100,11 +101,18 @@ class TestLora:
         # B·A·K = 0: the layers' outputs on the calibration inputs are unchanged, whatever B is.
         assert constraint.preservation_error()["mean"] <= ROUNDING
 
-    def test_ranks_are_checked_from_shapes_before_binding(self, tiny_model, tiny_tokenizer):
+    def test_ranks_above_a_null_dimension_are_named_before_binding_and_still_trained_in_it(
+        self, tiny_model, tiny_tokenizer
+    ):
         model = get_peft_model(tiny_model, LoraConfig(r=48, target_modules=["q_proj"]))
         constraint = NullSpaceConstraint(model, projectors_for(model, tiny_tokenizer))
-        with pytest.raises(NullSpaceError, match=r"LoRA rank exceeds the null dimension.*\(null dim \d+ < rank 48\)"):
-            constraint.check_ranks()
+        warning = constraint.rank_warning()
+        assert re.search(r"LoRA rank exceeds the null dimension.*\(null dim \d+ < rank 48\).*rank at most", warning)
+        # A has more rows than null dimensions, and every one of them is still projected into the null space.
+        constraint.bind(model)
+        assert range_part(constraint, lora_a_rows) <= ROUNDING
+        small = get_peft_model(copy.deepcopy(tiny_model), LoraConfig(r=2, target_modules=["q_proj"]))
+        assert NullSpaceConstraint(small, projectors_for(small, tiny_tokenizer)).rank_warning() is None
 
 
 class TestFullFineTuning:

@@ -581,29 +581,13 @@ class TestRefusals:
                 peft_config=lora(r=1),
             )
 
-    def test_rank_above_null_dimension_is_refused_after_saving_the_calibration(self, tiny_model_dir, tmp_path):
-        with pytest.raises(
-            NullSpaceError,
-            match=r"LoRA rank exceeds the null dimension.*q_proj \(null dim \d+ < rank 32\).*were saved to .*reuses "
-            "them without recalibrating",
-        ):
-            build_nspo(tiny_model_dir, tmp_path, peft_config=lora(r=32))
-        saved = tmp_path / "out" / "nspo_projectors.safetensors"
-        assert saved.is_file()
-        # A rank the null spaces allow trains on the saved file, without calibrating again.
-        with mock.patch("trl_nspo.nspo_trainer.compute_projectors", side_effect=AssertionError("recalibrated")):
-            trainer = build_nspo(tiny_model_dir, tmp_path, peft_config=lora(r=2))
-        assert trainer.projectors_file == saved
-
-    def test_rank_above_a_saved_files_null_dimension_says_the_file_needs_recalibrating(self, tiny_model_dir, tmp_path):
-        path = tmp_path / "p"
-        build_nspo(tiny_model_dir, tmp_path, peft_config=lora(), projectors_path=str(path))
-        with pytest.raises(
-            NullSpaceError,
-            match=rf"rank 32\).*read from {path}/nspo_projectors\.safetensors: .* a new rule or threshold needs "
-            "them recalibrated",
-        ):
-            build_nspo(tiny_model_dir, tmp_path, peft_config=lora(r=32), calibration=None, projectors_path=str(path))
+    def test_rank_above_null_dimension_warns_and_trains_within_the_null_space(self, tiny_model_dir, tmp_path):
+        rank_warning = r"LoRA rank exceeds the null dimension.*q_proj \(null dim \d+ < rank 32\)"
+        with pytest.warns(UserWarning, match=rank_warning):
+            trainer = build_nspo(tiny_model_dir, tmp_path, peft_config=lora(r=32), max_steps=2)
+        assert (tmp_path / "out" / "nspo_projectors.safetensors").is_file()
+        trainer.train()
+        assert output_change_on_calibration_inputs(trainer) <= 1e-6
 
     def test_empty_null_space_is_refused(self, tiny_model_dir, tmp_path):
         calibration = Dataset.from_dict({"text": [" ".join(f"w{i}" for i in range(200))]})

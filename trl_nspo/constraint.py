@@ -489,20 +489,25 @@ class NullSpaceConstraint:
                 "`nspo_target_modules`."
             )
 
-    def check_ranks(self) -> None:
-        """Refuses an empty null space ([`check_null_spaces`]), and LoRA ranks above a module's null dimension: A's
-        rows could not be independent there. Needs no binding."""
-        self.check_null_spaces()
+    def rank_warning(self) -> str | None:
+        """
+        A warning for the modules whose LoRA rank exceeds their null dimension, or `None`. Such a module trains
+        within its null space as well (A = M·Uᵀ holds with more rows than null dimensions), but its update has rank at
+        most the null dimension: the extra rank is unused there. Needs no binding.
+        """
         too_small = [
             f"{entry.module_name} (null dim {entry.basis.null_dim} < rank {entry.independent_rows})"
             for entry in self.weights
-            if entry.basis.null_dim < entry.independent_rows
+            if 0 < entry.basis.null_dim < entry.independent_rows
         ]
-        if too_small:
-            raise NullSpaceError(
-                f"The LoRA rank exceeds the null dimension of {len(too_small)} module(s): {too_small[:6]}. Lower the "
-                "LoRA rank `r`, raise `null_space_alpha` / `null_space_energy`, or exclude those modules."
-            )
+        if not too_small:
+            return None
+        return (
+            f"The LoRA rank exceeds the null dimension of {len(too_small)} module(s): {too_small[:6]}"
+            f"{' …' if len(too_small) > 6 else ''}. They train within their null spaces all the same, with updates of "
+            "rank at most the null dimension; a lower rank `r` saves the unused parameters, a larger "
+            "`null_space_energy` gives them more room (and reaches more general-input energy)."
+        )
 
     def _allowed_parameter_names(self, model: nn.Module) -> set[str]:
         """Names, in `model`, of the constrained parameters and of the free ones of constrained layers (LoRA B)."""

@@ -176,25 +176,17 @@ class NSPOTrainer(GRPOTrainer):
         self.constraint = NullSpaceConstraint(
             self.model, self.projectors, args.nspo_target_modules, autocast_dtype=_autocast_dtype(self.accelerator)
         )
-        if self.projectors_file is None:
-            # An empty null space is the rule's fault: no file, so that the advised rule or threshold can act. A rank
-            # above a null dimension is a training setting's: the file is saved first, so that calibration's work
-            # survives the refusal (a rerun at a rank the null spaces allow reuses it).
-            self.constraint.check_null_spaces()
-            self.projectors_file = self._save_new_projectors(location)
-            source = "were saved to"
-        else:
-            source = "were read from"
-        try:
-            self.constraint.check_ranks()
-        except NullSpaceError as error:
-            # The advised rule or threshold change cannot act on null spaces in a file: say so now.
-            raise NullSpaceError(
-                f"{error} These null spaces {source} {self.projectors_file}: a run whose LoRA rank and constrained "
-                "modules they allow reuses them without recalibrating; a new rule or threshold needs them "
-                "recalibrated (delete the file, or set `projectors_path` elsewhere)."
-            ) from error
+        # An empty null space is the rule's fault: refused before any file is written, so that the advised rule or
+        # threshold recalibrates.
+        self.constraint.check_null_spaces()
+        rank_warning = self.constraint.rank_warning()
+        if rank_warning is not None:
+            warnings.warn(rank_warning, stacklevel=2)
         self._check_unconstrained_parameters()
+        if self.projectors_file is None:
+            # Saved only once every check passed: a refused run must not leave a file that would then refuse the
+            # change its error message advises.
+            self.projectors_file = self._save_new_projectors(location)
         # Checkpoints reference the run's file by this content hash instead of holding a copy.
         self._projectors_sha256 = file_sha256(self.projectors_file)
         # Bound now, so that the constraint can be read before training (and the adapter that TRL's generation reads
