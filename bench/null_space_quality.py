@@ -23,10 +23,12 @@ held out of the null space; `task`: task-aware selection under the held-out budg
 
     python bench/null_space_quality.py            # ~25 min on 2 cores -> bench/results/null_space_quality.json
     python bench/null_space_quality.py --quick    # smoke test
+    python bench/null_space_quality.py --report   # the Markdown table from the results file
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,7 @@ class QualityArguments:
 
     output: str | None = field(default=None, metadata={"help": "JSON file of the raw results."})
     quick: bool = field(default=False, metadata={"help": "Tiny settings for a smoke test."})
+    report: bool = field(default=False, metadata={"help": "Only print the Markdown table from the results file."})
     energy: float = field(default=1e-3, metadata={"help": "Budget ε of every rule."})
     max_null_dim: int = field(default=128, metadata={"help": "Cap of every rule."})
     chunk_size: int = field(default=48, metadata={"help": "Conversations per covariance chunk."})
@@ -121,8 +124,30 @@ def summarize(shares: dict[str, NullSpaceEnergy]) -> dict:
     return summary
 
 
+def print_report(results: dict) -> None:
+    """The results as the Markdown table of BENCHMARKS.md section 6."""
+    print(
+        "| calibration data (tokens) | rule | null dim mean / min | calibration | held-out pool | general_eval | "
+        "general_heldout (p90) | training prompts | held-out harmful | selectivity: training / held-out harmful |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for run in results["runs"]:
+        summary = run["summary"]
+        median = {name: f"{values['median']:.2e}" for name, values in summary.items() if "median" in values}
+        null_dims = f"{run['null_dim_mean']:.1f} / {run['null_dim_min']}" if "null_dims" in run else "(weights)"
+        print(
+            f"| {run['data']} ({run['tokens']:,}) | {run['rule']} | {null_dims} | {median['calibration']} | "
+            f"{median['heldout_pool']} | {median['general_eval']} | {median['general_heldout']} "
+            f"({summary['general_heldout']['p90']:.2e}) | {median['train']} | {median['harmful_heldout']} | "
+            f"{summary['selectivity_train']['median']:.2f} / {summary['selectivity_harmful_heldout']['median']:.2f} |"
+        )
+
+
 def main() -> None:
     arguments = parse_arguments(QualityArguments, quick_settings)
+    if arguments.report:
+        print_report(json.loads(Path(arguments.output).read_text()))
+        return
     started = time.perf_counter()
     torch.manual_seed(0)
     results: dict = {"arguments": vars(arguments).copy(), "environment": environment(), "runs": []}
@@ -256,6 +281,7 @@ def main() -> None:
             )
     record_end(results, started)
     write_final_results(Path(arguments.output), results, arguments.quick)
+    print_report(results)
 
 
 if __name__ == "__main__":
