@@ -603,24 +603,27 @@ class TestRefusals:
 
     def test_default_rule_leaves_room_where_the_original_rule_leaves_none(self, tiny_model_dir, tmp_path):
         # 200 distinct tokens: every input direction of the tiny model carries general energy, so a relative rule
-        # empties the null spaces, as the original code's α = 5e-5 (the old default) did on 23 of SmolLM2-135M's 120
-        # layer inputs (BENCHMARKS.md).
-        calibration = Dataset.from_dict({"text": [" ".join(f"w{i}" for i in range(200))]})
-        spanning = dict(calibration=calibration, calibration_max_length=200, peft_config=lora(r=8))
+        # empties the null spaces, as the original code's α = 5e-5 did on 23 of SmolLM2-135M's 120 layer inputs.
+        calibration = Dataset.from_dict(
+            {"text": [" ".join(f"w{i}" for i in range(start, 200, 4)) for start in range(4)]}
+        )
+        spanning = dict(calibration=calibration, calibration_max_length=200, peft_config=lora(r=1))
         with pytest.raises(NullSpaceError, match="null space of .* empty"):
             build_nspo(tiny_model_dir, tmp_path, null_space_alpha=EXACT_KERNEL_ALPHA, **spanning)
         defaults = NSPOConfig(output_dir=str(tmp_path / "defaults"), use_cpu=True, bf16=False)
         rule_settings = {name: getattr(defaults, name) for name in vars(defaults) if name.startswith("null_space_")}
         assert rule_settings == {
-            "null_space_rule": "energy",
+            "null_space_rule": "heldout",
             "null_space_alpha": 5e-5,
             "null_space_energy": 1e-3,
             "null_space_max_dim": 128,
         }
+        assert defaults.calibration_folds == 2
         trainer = build_nspo(tiny_model_dir, tmp_path / "default-rule", **spanning, **rule_settings)
         null_dims = [null_dim for null_dim, _ in trainer.projectors.null_dims().values()]
-        assert min(null_dims) >= 8
-        assert max(null_dims) <= 128
+        assert min(null_dims) >= 1
+        # The default's budget holds on the calibration rows each null space was not computed from.
+        assert trainer._nspo_start_logs["nspo/heldout_null_energy"] <= 1e-3
 
     def test_refused_run_leaves_no_file_so_the_advised_change_works(self, tiny_model_dir, tmp_path):
         calibration = Dataset.from_dict({"text": [" ".join(f"w{i}" for i in range(200))]})

@@ -44,16 +44,17 @@ class NSPOConfig(GRPOConfig):
 
         > Parameters that control the null space
 
-        null_space_rule (`str`, *optional*, defaults to `"energy"`):
-            `"energy"`: the largest set of smallest eigen-directions holding ≤ `null_space_energy` of the layer's
-            total general-input energy on the calibration data (in-sample: unseen general inputs put more into it,
-            BENCHMARKS.md section 6). `"heldout"`: the same, with the budget enforced on calibration folds held out
-            of the null space, so it holds on general inputs the null space never saw. `"task"`: under the same
-            held-out budget, the directions where the training prompts' inputs (prompts of `train_dataset` with the
-            model's greedy answers) have the most energy relative to general ones, so the update reaches the task's
-            inputs more and general inputs no more. `"relative"`: eigen-directions with eigenvalue <
-            `null_space_alpha` × the largest (the original NSPO code's rule; on SmolLM2-135M its α = 5e-5 leaves
-            some layers with an empty null space).
+        null_space_rule (`str`, *optional*, defaults to `"heldout"`):
+            `"heldout"`: the largest set of smallest eigen-directions holding ≤ `null_space_energy` of the layer's
+            general-input energy on calibration folds held out of the null space, so the budget holds on general
+            inputs it never saw (needs `calibration_folds` ≥ 2 and a calibration row per fold). `"energy"`: the same
+            budget in-sample (the previous default: on SmolLM2-135M with 80 prompts, unseen general prompts put 5×
+            the budget into it, BENCHMARKS.md section 6). `"task"`: under the held-out budget, the directions where
+            the training prompts' inputs (prompts of `train_dataset` with the model's greedy answers) have the most
+            energy relative to general ones: 6–8× more selective, but at the same ε its update reaches general
+            outputs far more (SmolLM2 collapsed at lr 2e-2); use a much smaller ε. `"relative"`: eigen-directions
+            with eigenvalue < `null_space_alpha` × the largest (the original NSPO code's rule, the only one that
+            can select an exact kernel).
         null_space_alpha (`float`, *optional*, defaults to `5e-5`):
             Relative eigenvalue threshold of the `"relative"` rule.
         null_space_energy (`float`, *optional*, defaults to `1e-3`):
@@ -122,7 +123,7 @@ class NSPOConfig(GRPOConfig):
         },
     )
     null_space_rule: str = field(
-        default="energy",
+        default="heldout",
         metadata={
             "help": "How to select each null space: 'energy' (smallest directions holding ≤ energy of the "
             "calibration inputs), 'heldout' (the same budget on held-out calibration folds), 'task' (under that "
