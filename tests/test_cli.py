@@ -98,7 +98,7 @@ def test_calibrate_writes_projectors_for_the_adapter_targets(tiny_model_dir, gen
             "--output_dir", str(output),
             "--use_peft", "--lora_target_modules", "q_proj", "v_proj",
             "--calibration_generate_completions", "false",
-            "--null_space_alpha", "1e-9",
+            "--null_space_rule", "relative", "--null_space_alpha", "1e-9",
             "--use_cpu", "--bf16", "false",
         ]
     )  # fmt: skip
@@ -122,7 +122,7 @@ def test_calibrate_refuses_an_unusable_null_space_before_writing_a_file(tiny_mod
         "--use_peft", "--lora_target_modules", "q_proj", "v_proj", "--lora_r", "1",
         "--use_cpu", "--bf16", "false",
     ]  # fmt: skip
-    with pytest.raises(NullSpaceError, match=r"null space of .* empty.*Raise `null_space_alpha`"):
+    with pytest.raises(NullSpaceError, match=r"null space of .* empty.*or `null_space_alpha` \(relative rule\)"):
         main([*arguments, "--null_space_rule", "relative", "--null_space_alpha", "1e-12"])
     assert not (tmp_path / "projectors" / PROJECTORS_FILE_NAME).exists()
     # The advice works: the energy rule, and training on the file is not refused for the old rule.

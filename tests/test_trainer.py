@@ -65,7 +65,7 @@ def config(tmp_path, **overrides):
         save_strategy="no",
         seed=0,
         calibration_completion_length=8,
-        # The exact kernel (eigenvalues at float rounding) rather than the default energy rule's small-but-non-zero
+        # The exact kernel (eigenvalues at float rounding) rather than the default heldout rule's small-but-non-zero
         # directions: these tests measure the guarantee, which holds to rounding only on the exact kernel.
         null_space_rule="relative",
         null_space_alpha=EXACT_KERNEL_ALPHA,
@@ -628,7 +628,7 @@ class TestRefusals:
     def test_refused_run_leaves_no_file_so_the_advised_change_works(self, tiny_model_dir, tmp_path):
         calibration = Dataset.from_dict({"text": [" ".join(f"w{i}" for i in range(200))]})
         empty = dict(calibration=calibration, null_space_alpha=1e-12, calibration_max_length=200)
-        with pytest.raises(NullSpaceError, match=r"null space of .* empty.*null_space_energy` \(energy rule\)"):
+        with pytest.raises(NullSpaceError, match=r"null space of .* empty.*`null_space_energy` \(heldout, energy"):
             build_nspo(tiny_model_dir, tmp_path, peft_config=lora(r=1), **empty)
         assert not (tmp_path / "out" / "nspo_projectors.safetensors").exists()
         # The error's advice: the energy rule.

@@ -485,8 +485,9 @@ class NullSpaceConstraint:
         if empty:
             raise NullSpaceError(
                 f"The null space of {len(empty)} module(s) is empty, so they could not train at all: {empty[:6]}. "
-                "Raise `null_space_alpha` (relative rule) or `null_space_energy` (energy rule), or exclude them with "
-                "`nspo_target_modules`."
+                "Calibrate on more general data (with the 'heldout' and 'task' rules, what too little data leaves "
+                "looks occupied on the held-out fold), raise `null_space_energy` (heldout, energy and task rules) or "
+                "`null_space_alpha` (relative rule), or exclude them with `nspo_target_modules`."
             )
 
     def rank_warning(self) -> str | None:
