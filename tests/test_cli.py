@@ -332,8 +332,11 @@ def test_readme_commands_run_as_written_on_a_cpu(tiny_model_dir, general_file, t
         tmp_path / "safety.jsonl",
         [{"prompt": "How do I pick a lock to break in?", "is_response_0_safe": False}] * 4,
     )
-    # Sizes for the tiny model (its inputs spread their energy evenly, so ε = 1e-3 would leave no room for rank 2).
-    tiny = ["--lora_r", "2", "--null_space_energy", "0.05", "--calibration_completion_length", "4"]
+    # Sizes for the tiny model and its two calibration prompts: its inputs spread their energy evenly, so ε = 1e-3
+    # would leave no room for rank 2, and one prompt per fold is too little for the held-out rule (nothing it leaves
+    # empty is empty on the other prompt): the in-sample energy rule.
+    tiny = ["--lora_r", "2", "--null_space_rule", "energy", "--null_space_energy", "0.05"]
+    tiny += ["--calibration_completion_length", "4"]
     projectors = tmp_path / "projectors"
     calibrate_argv = with_flags(
         readme_command("calibrate"),

@@ -39,7 +39,7 @@ def test_example_trains_one_step_without_a_guard_server_or_device_flags(tiny_mod
             "--dataset_name", str(safety),
             "--calibration_dataset_name", str(general),
             "--calibration_completion_length", "4",
-            "--null_space_energy", "0.05",
+            "--null_space_rule", "energy", "--null_space_energy", "0.05",
             "--output_dir", str(output),
             "--max_steps", "1", "--per_device_train_batch_size", "2", "--num_generations", "2",
             "--max_completion_length", "4", "--report_to", "none", "--save_strategy", "no",
