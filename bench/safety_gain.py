@@ -64,7 +64,7 @@ from trl_nspo.precision import bf16_supported
 from trl_nspo.rewards import RefusalReward
 
 MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
-# Conversations of the CLI's default calibration data (`trl_nspo.commands.DEFAULT_CALIBRATION_CONVERSATIONS`).
+# Conversations the null-space arms calibrate on (the CLI's default takes the first 192).
 DEFAULT_CONVERSATIONS = 256
 # Tokens of each calibration answer (as the demo calibrates).
 CALIBRATION_ANSWER_TOKENS = 16
@@ -91,8 +91,7 @@ class Arm:
     # tokens of the model's own general behaviour.
     calibration_answers: int = 1
     # General calibration data: "prompts" (the 80 embedded prompts, each with the base model's greedy answer) or
-    # "conversations" (the first 256 of the conversations SmolLM2 wrote itself, `general_conversations`, the CLI's
-    # default).
+    # "conversations" (the first 256 of the conversations SmolLM2 wrote itself, `general_conversations`).
     calibration_data: str = "prompts"
 
     @property
