@@ -41,9 +41,8 @@ class CalibrationSettings:
         completion_length (`int`, *optional*, defaults to `128`):
             Maximum tokens of each generated completion.
         batch_size (`int`, *optional*, defaults to `32`):
-            Sequences per forward pass and per batch of greedy completions (token-by-token decoding is bound by
-            per-step overhead on small models and CPUs: 32 sequences decode about 2.5 times as many tokens per second
-            as 8 on SmolLM2-135M on 2 CPU cores).
+            Sequences per forward pass and per batch of greedy completions (token-by-token decoding of a small model
+            is bound by per-step overhead, so larger batches decode more tokens per second).
         sketch_dim (`int`, *optional*, defaults to `64`):
             Columns of the random sketch of each layer's inputs kept for the preservation metric; `0` disables it.
         groups_per_pass (`int`, *optional*):

@@ -250,6 +250,12 @@ def heldout_prefix_shares(directions_by_fold: Sequence[torch.Tensor], folds: Seq
     return torch.cat([energies.new_zeros(1), torch.cumsum(energies.clamp(min=0.0), dim=0)]) / total
 
 
+def _smallest_eigenvectors_without_each_fold(statistics: InputStatistics, limit: int) -> list[torch.Tensor]:
+    """For every fold, the `limit` smallest eigen-directions of the covariance of the other folds."""
+    total = statistics.covariance
+    return [decompose_covariance(total - fold)[1][:, :limit] for fold in statistics.folds]
+
+
 def _largest_prefix_within(shares: torch.Tensor, energy: float) -> int:
     return int((shares[1:] <= energy).sum().item())
 
@@ -274,8 +280,7 @@ def _directions_within_heldout_energy(
     folds = _checked_folds(statistics, "heldout")
     total = statistics.covariance
     limit = total.shape[0] if max_null_dim is None else min(max_null_dim, total.shape[0])
-    directions = [decompose_covariance(total - fold)[1][:, :limit] for fold in folds]
-    shares = heldout_prefix_shares(directions, folds)
+    shares = heldout_prefix_shares(_smallest_eigenvectors_without_each_fold(statistics, limit), folds)
     null_dim = _largest_prefix_within(shares, energy)
     eigenvalues, eigenvectors = decompose_covariance(total)
     basis = NullSpaceBasis.from_eigh(eigenvalues, eigenvectors, null_dim)
@@ -472,8 +477,7 @@ class NullSpaceRule:
         null_dim = self.null_dimension(eigenvalues)
         heldout_share = None
         if statistics.folds_are_filled:
-            total = statistics.covariance
-            directions = [decompose_covariance(total - fold)[1][:, :null_dim] for fold in statistics.folds]
+            directions = _smallest_eigenvectors_without_each_fold(statistics, null_dim)
             heldout_share = heldout_prefix_shares(directions, statistics.folds)[null_dim].item()
         return Selection(NullSpaceBasis.from_eigh(eigenvalues, eigenvectors, null_dim), eigenvalues, heldout_share)
 
