@@ -252,16 +252,19 @@ def refusal_trainer(nspo: bool, model_path: Path, settings: dict, **trainer_kwar
     return GRPOTrainer(str(model_path), RefusalReward(), GRPOConfig(**grpo_only(settings)), **trainer_kwargs)
 
 
-def evaluation_prompts(num_samples: int | None = None) -> EvaluationPrompts:
-    """The embedded held-out sets, as the demo evaluates them (the first `num_samples` of each, if given)."""
+def evaluation_prompts(num_samples: int | None = None, split: str = "eval") -> EvaluationPrompts:
+    """
+    The embedded held-out sets of `split` (the first `num_samples` of each, if given): `"eval"` as the demo evaluates
+    them (30 harmful, 30 benign, 40 general), `"heldout"` the larger sets of the front (120 each).
+    """
 
     def first(dataset: Dataset) -> Dataset:
         return dataset if num_samples is None else dataset.select(range(min(num_samples, len(dataset))))
 
-    general = first(embedded_prompts("general_eval"))
+    general = first(embedded_prompts(f"general_{split}"))
     return EvaluationPrompts(
-        harmful=first(embedded_prompts("harmful_eval"))["prompt"],
-        benign=first(embedded_prompts("benign_eval"))["prompt"],
+        harmful=first(embedded_prompts(f"harmful_{split}"))["prompt"],
+        benign=first(embedded_prompts(f"benign_{split}"))["prompt"],
         general=general["prompt"],
         general_answers=general["answer"],
     )

@@ -62,6 +62,7 @@ from trl_nspo.demo import (
 )
 from trl_nspo.precision import bf16_supported
 from trl_nspo.rewards import RefusalReward
+from trl_nspo.targets import lora_scaled
 
 MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
 # Conversations the null-space arms calibrate on (the CLI's default takes the first 192).
@@ -93,6 +94,8 @@ class Arm:
     # General calibration data: "prompts" (the 80 embedded prompts, each with the base model's greedy answer) or
     # "conversations" (the first 256 of the conversations SmolLM2 wrote itself, `general_conversations`).
     calibration_data: str = "prompts"
+    # GRPO's KL penalty coefficient (TRL's `beta`; the reference is the base model, the adapter disabled).
+    beta: float = 0.0
 
     @property
     def projectors_key(self) -> str:
@@ -105,7 +108,8 @@ class Arm:
     @property
     def label(self) -> str:
         if self.method == "grpo":
-            return f"GRPO lr={self.learning_rate:.0e}" + (f" r={self.lora_r}" if self.lora_r != 8 else "")
+            label = f"GRPO lr={self.learning_rate:.0e}" + (f" r={self.lora_r}" if self.lora_r != 8 else "")
+            return label + (f" β={self.beta:g}" if self.beta else "")
         null_space_rule = NullSpaceRule(self.rule, self.alpha, self.energy)
         rule = f"{null_space_rule.selection.symbol}={null_space_rule.threshold:.0e}"
         if self.rule in ("heldout", "task"):
@@ -155,7 +159,21 @@ NULL_SPACE_ARMS = (
     Arm("nspo_heldout_conv_lr2e-2", "nspo", learning_rate=2e-2, rule="heldout", calibration_data="conversations"),
     Arm("nspo_task_conv_lr2e-2", "nspo", learning_rate=2e-2, rule="task", calibration_data="conversations"),
 )
-ARMS = {arm.key: arm for arm in MAIN_ARMS + FRONT_ARMS + NULL_SPACE_ARMS}
+# The fronts against what a practitioner would use instead (`--protocol`: 4 prompts × 4 completions per step, the
+# 120-prompt held-out sets, every adapter also evaluated scaled by α): GRPO at lower learning rates and with a KL
+# penalty, NSPO with the null spaces of BENCHMARKS.md section 6 at several learning rates, and the gradient-only
+# ablation.
+_BY_KEY = {arm.key: arm for arm in MAIN_ARMS + FRONT_ARMS}
+PROTOCOL_ARMS = (
+    *(_BY_KEY[key] for key in ("grpo", "grpo_lr1e-3", "grpo_lr5e-4")),
+    Arm("grpo_beta0.1_lr2e-3", "grpo", learning_rate=2e-3, beta=0.1),
+    Arm("grpo_beta0.4_lr2e-3", "grpo", learning_rate=2e-3, beta=0.4),
+    Arm("nspo_task_conv_lr5e-3", "nspo", learning_rate=5e-3, rule="task", calibration_data="conversations"),
+    Arm("nspo_task_conv_lr2e-3", "nspo", learning_rate=2e-3, rule="task", calibration_data="conversations"),
+    Arm("nspo_heldout_conv_lr5e-2", "nspo", learning_rate=5e-2, rule="heldout", calibration_data="conversations"),
+    Arm("grad_only_task_conv_lr5e-3", "grad_only", learning_rate=5e-3, rule="task", calibration_data="conversations"),
+)
+ARMS = {arm.key: arm for arm in MAIN_ARMS + FRONT_ARMS + NULL_SPACE_ARMS + PROTOCOL_ARMS}
 
 METRICS = (
     *EVALUATION_ROWS,
@@ -177,6 +195,9 @@ class SafetyGainArguments:
             Arm keys to train (see `ARMS`); default: the main comparison, or with `front` the front's arms.
         front (`bool`, *optional*, defaults to `False`):
             Train the front's arms (`FRONT_ARMS`) instead of the main comparison.
+        protocol (`bool`, *optional*, defaults to `False`):
+            The fronts against the alternatives (`PROTOCOL_ARMS`): 4 prompts × 4 completions of ≤ 16 tokens per
+            step, the 120-prompt held-out sets answered in ≤ 16 tokens; its own runs file.
         report (`bool`, *optional*, defaults to `False`):
             Train nothing: print the tables and write the summary and plot from the runs file.
         seeds (`list[int]`, *optional*, defaults to `[0, 1, 2]`):
@@ -184,15 +205,24 @@ class SafetyGainArguments:
         max_steps (`int`, *optional*, defaults to `16`):
             Optimizer steps per run.
         num_generations (`int`, *optional*, defaults to `8`):
-            Completions per prompt (one prompt per step).
+            Completions per prompt.
+        prompts_per_step (`int`, *optional*, defaults to `1`):
+            Prompts per optimizer step (generated in one batch).
         max_completion_length (`int`, *optional*, defaults to `24`):
             Tokens per sampled completion.
         bf16 (`bool`, *optional*):
             bf16 autocast in training; default: where the CPU (or GPU) supports bf16.
         eval_num_samples (`int`, *optional*):
-            Held-out prompts per set; `None` uses all (30 harmful, 30 benign, 40 general).
+            Held-out prompts per set; `None` uses all.
+        eval_split (`str`, *optional*, defaults to `"eval"`):
+            Held-out sets: `"eval"` (30 harmful, 30 benign, 40 general) or `"heldout"` (120 each).
         eval_max_new_tokens (`int`, *optional*, defaults to `24`):
             Tokens of each greedy evaluation answer.
+        eval_batch_size (`int`, *optional*, defaults to `16`):
+            Prompts answered at once in evaluation.
+        alphas (`list[float]`, *optional*, defaults to `[]`):
+            Also evaluate every trained adapter with its update scaled by each α (weight interpolation toward the
+            base model; no extra training).
         runs_file (`str`, *optional*):
             JSON-lines file of the runs; default `bench/results/safety_gain_runs[_quick].jsonl`.
         quick (`bool`, *optional*, defaults to `False`):
@@ -201,31 +231,41 @@ class SafetyGainArguments:
 
     arms: list[str] | None = field(default=None, metadata={"help": "Arm keys to train (default: main or front)."})
     front: bool = field(default=False, metadata={"help": "Train the front's arms."})
+    protocol: bool = field(default=False, metadata={"help": "The fronts against the alternatives."})
     report: bool = field(default=False, metadata={"help": "Only report from the runs file."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds."})
     max_steps: int = field(default=16, metadata={"help": "Optimizer steps per run."})
     num_generations: int = field(default=8, metadata={"help": "Completions per prompt."})
+    prompts_per_step: int = field(default=1, metadata={"help": "Prompts per optimizer step."})
     max_completion_length: int = field(default=24, metadata={"help": "Tokens per sampled completion."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: if supported)."})
     eval_num_samples: int | None = field(default=None, metadata={"help": "Held-out prompts per set."})
+    eval_split: str = field(default="eval", metadata={"help": "Held-out sets: 'eval' or 'heldout'."})
     eval_max_new_tokens: int = field(default=24, metadata={"help": "Tokens of each greedy evaluation answer."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Prompts answered at once in evaluation."})
+    alphas: list[float] = field(default_factory=list, metadata={"help": "Also evaluate adapters scaled by α."})
     runs_file: str | None = field(default=None, metadata={"help": "JSON-lines file of the runs."})
     quick: bool = field(default=False, metadata={"help": "Tiny settings for a smoke test."})
 
     def __post_init__(self) -> None:
+        if self.protocol:
+            self.num_generations, self.prompts_per_step, self.max_completion_length = 4, 4, 16
+            self.eval_split, self.eval_batch_size, self.eval_max_new_tokens = "heldout", 40, 16
         if self.runs_file is None:
-            self.runs_file = str(results_path("safety_gain_runs", self.quick).with_suffix(".jsonl"))
+            name = "safety_front_runs" if self.protocol else "safety_gain_runs"
+            self.runs_file = str(results_path(name, self.quick).with_suffix(".jsonl"))
         if self.bf16 is None:
             self.bf16 = bf16_supported()
         if self.arms is None:
-            self.arms = [arm.key for arm in (FRONT_ARMS if self.front else MAIN_ARMS)]
+            arms = PROTOCOL_ARMS if self.protocol else FRONT_ARMS if self.front else MAIN_ARMS
+            self.arms = [arm.key for arm in arms]
         unknown = sorted(set(self.arms) - set(ARMS))
         if unknown:
             raise ValueError(f"Unknown arms {unknown}; known: {sorted(ARMS)}.")
 
     def settings(self) -> dict:
         """What must match for two runs to be comparable (stored with every run)."""
-        return {
+        settings = {
             "max_steps": self.max_steps,
             "num_generations": self.num_generations,
             "max_completion_length": self.max_completion_length,
@@ -233,6 +273,10 @@ class SafetyGainArguments:
             "eval_num_samples": self.eval_num_samples,
             "eval_max_new_tokens": self.eval_max_new_tokens,
         }
+        # Recorded only where they differ from the first protocol's, so its runs files stay readable.
+        if (self.prompts_per_step, self.eval_split) != (1, "eval"):
+            settings |= {"prompts_per_step": self.prompts_per_step, "eval_split": self.eval_split}
+        return settings
 
 
 class KeptGradientByKind:
@@ -270,7 +314,7 @@ def training_config(arguments: SafetyGainArguments, arm: Arm, seed: int, output_
         "use_cpu": not torch.cuda.is_available(),
         "bf16": arguments.bf16,
         "gradient_checkpointing": False,
-        "per_device_train_batch_size": arguments.num_generations,
+        "per_device_train_batch_size": arguments.num_generations * arguments.prompts_per_step,
         "num_generations": arguments.num_generations,
         "max_completion_length": arguments.max_completion_length,
         "max_steps": arguments.max_steps,
@@ -279,7 +323,7 @@ def training_config(arguments: SafetyGainArguments, arm: Arm, seed: int, output_
         "save_strategy": "no",
         "report_to": [],
         "seed": seed,
-        "beta": 0.0,
+        "beta": arm.beta,
         # Evaluation and calibration run in float32; only training autocasts.
         "model_init_kwargs": {"dtype": torch.float32},
         "disable_tqdm": True,
@@ -350,13 +394,29 @@ def train_and_evaluate(arguments: SafetyGainArguments, arm: Arm, seed: int, mode
     if by_kind is not None:
         record["kept_gradient_by_kind"] = by_kind.fractions()
     started = time.perf_counter()
-    metrics = evaluate(
-        float32_model(trainer), tokenizer, base["prompts"], base["general_answers"], arguments.eval_max_new_tokens
-    )
+    model = float32_model(trainer)
+
+    def evaluated() -> dict:
+        metrics = evaluate(
+            model,
+            tokenizer,
+            base["prompts"],
+            base["general_answers"],
+            arguments.eval_max_new_tokens,
+            batch_size=arguments.eval_batch_size,
+        )
+        return {**metrics, "safety_gain": metrics["refusal_rate_harmful"] - base["metrics"]["refusal_rate_harmful"]}
+
+    metrics = evaluated()
     record["evaluation_seconds"] = time.perf_counter() - started
+    # The same adapter scaled back toward the base model (ΔW·α): the practitioner's cheapest way to trade safety
+    # for drift, and for NSPO a point that stays in its null spaces.
+    record["scaled"] = {}
+    for alpha in arguments.alphas:
+        with lora_scaled(model, alpha):
+            record["scaled"][str(alpha)] = evaluated()
     record["metrics"] = {
         **metrics,
-        "safety_gain": metrics["refusal_rate_harmful"] - base["metrics"]["refusal_rate_harmful"],
         "reward_last": statistics.fmean(record["reward_curve"][-10:]),
         "kept_gradient_fraction": statistics.fmean(kept) if kept else None,
         "calibration_output_change": (record["preservation_error_curve"] or [None])[-1],
@@ -404,7 +464,7 @@ def sampled_calibration(model_path: Path, answers_per_prompt: int, cache_dir: Pa
 def base_evaluation(arguments: SafetyGainArguments, model_path: Path) -> dict:
     """The base model's held-out metrics and greedy general answers (cached beside the runs file)."""
     cache = Path(arguments.runs_file).with_name(Path(arguments.runs_file).stem + "_base.json")
-    prompts = evaluation_prompts(arguments.eval_num_samples)
+    prompts = evaluation_prompts(arguments.eval_num_samples, arguments.eval_split)
     if cache.is_file():
         stored = json.loads(cache.read_text())
         if stored["settings"] == arguments.settings():
@@ -414,8 +474,12 @@ def base_evaluation(arguments: SafetyGainArguments, model_path: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     with base_model_context(model):
-        answers = greedy_answers(model, tokenizer, prompts.general, arguments.eval_max_new_tokens)
-        metrics = evaluate(model, tokenizer, prompts, answers, arguments.eval_max_new_tokens)
+        answers = greedy_answers(
+            model, tokenizer, prompts.general, arguments.eval_max_new_tokens, arguments.eval_batch_size
+        )
+        metrics = evaluate(
+            model, tokenizer, prompts, answers, arguments.eval_max_new_tokens, batch_size=arguments.eval_batch_size
+        )
     stored = {"settings": arguments.settings(), "metrics": metrics, "general_answers": answers}
     write_results(cache, stored)
     return {**stored, "prompts": prompts}
@@ -622,8 +686,35 @@ def plot_front(summary: dict, runs: list[dict], base: dict, path: Path) -> Path 
     return path
 
 
+def report_fronts(arguments: SafetyGainArguments, base: dict, runs: list[dict]) -> dict:
+    """The protocol's report: every point with its interval, the matched-point comparison, the plot."""
+    from safety_front import matched_comparison, matched_markdown, plot_fronts, points_markdown, summarise_points
+
+    summary = summarise_points(runs)
+    table = points_markdown(summary)
+    comparison = matched_comparison(runs)
+    matched = matched_markdown(comparison)
+    print(f"\nEvery point (mean ± 95% CI over seeds; markdown)\n{table}\n\n{matched}")
+    name = "safety_front_quick" if arguments.quick else "safety_front"
+    plot = plot_fronts(runs, base, results_path(name, False).with_suffix(".png"))
+    result = {
+        "settings": arguments.settings(),
+        "environment": environment(),
+        "base": base["metrics"],
+        "points": [{"arm": key, "alpha": alpha, **row} for (key, alpha), row in summary.items()],
+        "matched": comparison,
+        "table": table,
+        "matched_table": matched,
+        "plot": str(plot) if plot else None,
+    }
+    write_results(results_path(name, False), result)
+    return result
+
+
 def report(arguments: SafetyGainArguments, base: dict) -> dict:
     runs = read_runs(Path(arguments.runs_file), arguments.settings())
+    if arguments.protocol:
+        return report_fronts(arguments, base, runs)
     summary = summarise(runs)
     main_keys = [arm.key for arm in MAIN_ARMS if arm.key in summary]
     print("\nMain comparison")

@@ -156,6 +156,7 @@ def evaluate(
     base_general_answers: list[str] | None = None,
     max_new_tokens: int = 48,
     show_progress: bool = False,
+    batch_size: int = 16,
 ) -> dict[str, float | None]:
     """
     Safety and general drift of `model` against its base (adapters disabled).
@@ -173,6 +174,9 @@ def evaluate(
             Answer length limit.
         show_progress (`bool`, *optional*, defaults to `False`):
             Show a progress bar per prompt set.
+        batch_size (`int`, *optional*, defaults to `16`):
+            Prompts answered at once (decoding on a CPU is bound by reading the weights once per token, so larger
+            batches cost little more per step).
 
     Returns:
         `dict`: `refusal_rate_harmful`, `over_refusal_rate_benign`, `general_accuracy`, `general_kl` (mean
@@ -182,7 +186,9 @@ def evaluate(
 
     def answers(prompt_set: str) -> list[str]:
         description = f"Evaluating: {prompt_set} prompts" if show_progress else None
-        return greedy_answers(model, tokenizer, getattr(prompts, prompt_set), max_new_tokens, description=description)
+        return greedy_answers(
+            model, tokenizer, getattr(prompts, prompt_set), max_new_tokens, batch_size, description=description
+        )
 
     if base_general_answers is None:
         with base_model_context(model):
