@@ -29,6 +29,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl_nspo import NSPOConfig, NSPOTrainer, NullSpaceProjectors, NullSpaceRule
 from trl_nspo.demo import DemoArguments, EvaluationPrompts, embedded_prompts, grpo_settings, prepare_smollm2
 from trl_nspo.null_space import CovarianceAccumulator, NullSpaceBasis, decompose_covariance
+from trl_nspo.precision import cpu_supports_bf16
 from trl_nspo.projectors import CalibrationRecord, ModelFingerprint, ProjectorGroup
 from trl_nspo.rewards import RefusalReward
 
@@ -191,6 +192,8 @@ def environment() -> dict:
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "cpu": cpu,
+        # "AMD EPYC" names machines with and without bf16 instructions; timings differ about 3× between them.
+        "cpu_bf16_instructions": cpu_supports_bf16(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
