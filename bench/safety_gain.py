@@ -163,17 +163,18 @@ NULL_SPACE_ARMS = (
 # 120-prompt held-out sets, every adapter also evaluated scaled by α): GRPO at lower learning rates and with a KL
 # penalty, NSPO with the null spaces of BENCHMARKS.md section 6 at several learning rates, and the gradient-only
 # ablation.
-_BY_KEY = {arm.key: arm for arm in MAIN_ARMS + FRONT_ARMS}
+_EARLIER_ARMS = {arm.key: arm for arm in MAIN_ARMS + FRONT_ARMS + NULL_SPACE_ARMS}
 PROTOCOL_ARMS = (
-    *(_BY_KEY[key] for key in ("grpo", "grpo_lr1e-3", "grpo_lr5e-4")),
+    *(_EARLIER_ARMS[key] for key in ("grpo", "grpo_lr1e-3", "grpo_lr5e-4")),
     Arm("grpo_beta0.1_lr2e-3", "grpo", learning_rate=2e-3, beta=0.1),
     Arm("grpo_beta0.4_lr2e-3", "grpo", learning_rate=2e-3, beta=0.4),
     Arm("nspo_task_conv_lr5e-3", "nspo", learning_rate=5e-3, rule="task", calibration_data="conversations"),
-    Arm("nspo_task_conv_lr2e-3", "nspo", learning_rate=2e-3, rule="task", calibration_data="conversations"),
+    Arm("nspo_task_conv_lr1e-2", "nspo", learning_rate=1e-2, rule="task", calibration_data="conversations"),
+    _EARLIER_ARMS["nspo_task_conv_lr2e-2"],
     Arm("nspo_heldout_conv_lr5e-2", "nspo", learning_rate=5e-2, rule="heldout", calibration_data="conversations"),
     Arm("grad_only_task_conv_lr5e-3", "grad_only", learning_rate=5e-3, rule="task", calibration_data="conversations"),
 )
-ARMS = {arm.key: arm for arm in MAIN_ARMS + FRONT_ARMS + NULL_SPACE_ARMS + PROTOCOL_ARMS}
+ARMS = _EARLIER_ARMS | {arm.key: arm for arm in PROTOCOL_ARMS}
 
 METRICS = (
     *EVALUATION_ROWS,
