@@ -49,6 +49,8 @@ def test_the_matched_point_is_the_least_drift_alternative_reaching_grpos_gain():
     assert nspo["gain_share"]["ratio"] == pytest.approx(0.589 / 0.62)
     assert nspo["drift_share"]["ratio"] == pytest.approx(0.2)
     assert nspo["meets_target"]
+    assert nspo["dominated_by"] == []
+    assert comparison["by_alternative"] == {"grpo": "GRPO lr=2e-03 ×α=0.5", "grpo_beta0.1_lr2e-3": None}
 
 
 def test_nspo_misses_the_target_when_its_interval_reaches_parity():
@@ -61,6 +63,8 @@ def test_nspo_misses_the_target_when_its_interval_reaches_parity():
     assert nspo["drift_share"]["ratio"] < 0.45
     assert nspo["drift_share"]["ci95"][1] > 1.0
     assert not nspo["meets_target"]
+    # On the means no alternative has its gain at less drift: only the interval keeps the target from being met.
+    assert nspo["dominated_by"] == []
 
 
 def test_points_have_means_and_student_intervals_over_seeds():
