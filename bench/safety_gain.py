@@ -22,6 +22,10 @@ invocation resumes where it stopped and several invocations (main table, front) 
     python bench/safety_gain.py --front --seeds 0             # the trade-off front, one run per setting
     python bench/safety_gain.py --report                      # tables, CIs and the front plot from the file
     python bench/safety_gain.py --quick                       # smoke test: a few minutes
+
+`--protocol` runs the fronts against GRPO's alternatives (BENCHMARKS.md section 7): 4 prompts × 4 completions of
+≤ 16 tokens per step, the 120-prompt held-out sets, `--alphas` to evaluate every adapter also scaled back by α, its
+own runs file, and a report (`bench/safety_front.py`) of every point, the matched-point comparison and one plot.
 """
 
 from __future__ import annotations
