@@ -23,6 +23,9 @@ POINT_METRICS = (
     ("greedy_agreement", "greedy unchanged", ".3f"),
     ("general_accuracy", "checkable right", ".3f"),
 )
+# An alternative point "reaches" GRPO's full gain when its mean is at least this share of it: over 5 seeds whose gains
+# spread by ±0.3, a point 3% below the reference's mean has reached it as much as the reference itself.
+REACH_SHARE = 0.95
 # The target of the issue: NSPO keeps ≥ 90% of the matched point's gain with ≤ 25% of its drift.
 GAIN_SHARE_TARGET = 0.9
 DRIFT_SHARE_TARGET = 0.25
@@ -84,7 +87,8 @@ def bootstrap_ratio(numerator: dict[int, float], denominator: dict[int, float], 
 def matched_comparison(runs: list[dict]) -> dict:
     """
     The issue's target: among the alternatives' points (every GRPO arm, scaled or not) whose mean gain reaches the
-    reference's, the one with the least drift; every NSPO point's share of its gain and of its drift, with intervals.
+    reference's (`REACH_SHARE` of it), the one with the least drift; every NSPO point's share of its gain and of its
+    drift, with intervals.
     """
     points = run_points(runs)
     summary = summarise_points(runs)
@@ -92,7 +96,9 @@ def matched_comparison(runs: list[dict]) -> dict:
         return {}
     full_gain = summary[REFERENCE]["safety_gain"]["mean"]
     reaching = [
-        key for key, row in summary.items() if row["method"] == "grpo" and row["safety_gain"]["mean"] >= full_gain
+        key
+        for key, row in summary.items()
+        if row["method"] == "grpo" and row["safety_gain"]["mean"] >= REACH_SHARE * full_gain
     ]
     matched = min(reaching, key=lambda key: summary[key]["general_kl"]["mean"])
     result = {"full_gain": full_gain, "matched": list(matched), "matched_label": summary[matched]["label"]}
@@ -156,8 +162,8 @@ def matched_markdown(comparison: dict) -> str:
     if not comparison:
         return "(no reference runs yet)"
     lines = [
-        f"GRPO's full gain: {comparison['full_gain']:.3f}; the alternatives' least-drift point reaching it: "
-        f"{comparison['matched_label']}.",
+        f"GRPO's full gain: {comparison['full_gain']:.3f}; the alternatives' least-drift point reaching it (mean ≥ "
+        f"{REACH_SHARE:.0%} of it): {comparison['matched_label']}.",
         "",
         "| NSPO point | share of its gain (95% CI) | share of its drift (95% CI) | target (≥ 90%, ≤ 25%) | "
         "alternatives with more gain and less drift |",

@@ -36,8 +36,9 @@ def run(arm: str, seed: int, gain: float, kl: float, scaled: dict | None = None)
 def test_the_matched_point_is_the_least_drift_alternative_reaching_grpos_gain():
     runs = []
     for seed, noise in enumerate([-0.01, 0.0, 0.01, 0.0, 0.0]):
-        # GRPO: gain 0.6 at KL 0.2; scaled by 0.5 it keeps the gain at KL 0.05, by 0.25 it loses half of it.
-        runs.append(run("grpo", seed, 0.6 + noise, 0.2, {0.5: (0.62 + noise, 0.05), 0.25: (0.3, 0.01)}))
+        # GRPO: gain 0.6 at KL 0.2; scaled by 0.5 it keeps 97.5% of the gain (within the seeds' noise: it reaches
+        # it) at KL 0.05, by 0.25 it loses half of it.
+        runs.append(run("grpo", seed, 0.6 + noise, 0.2, {0.5: (0.585 + noise, 0.05), 0.25: (0.3, 0.01)}))
         # A KL penalty that loses gain: never the matched point, however little it drifts.
         runs.append(run("grpo_beta0.1_lr2e-3", seed, 0.4, 0.001))
         # NSPO: 95% of the matched gain at a fifth of its drift.
@@ -46,7 +47,7 @@ def test_the_matched_point_is_the_least_drift_alternative_reaching_grpos_gain():
     assert comparison["full_gain"] == pytest.approx(0.6)
     assert comparison["matched"] == ["grpo", 0.5]
     (nspo,) = comparison["nspo"]
-    assert nspo["gain_share"]["ratio"] == pytest.approx(0.589 / 0.62)
+    assert nspo["gain_share"]["ratio"] == pytest.approx(0.589 / 0.585)
     assert nspo["drift_share"]["ratio"] == pytest.approx(0.2)
     assert nspo["meets_target"]
     assert nspo["dominated_by"] == []
