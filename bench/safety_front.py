@@ -192,6 +192,10 @@ def plot_fronts(runs: list[dict], base: dict, path: Path) -> Path | None:
     summary = summarise_points(runs)
     figure, (front_axis, reward_axis) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [3, 2]})
     arms = list(dict.fromkeys(key for key, _ in summary))
+    # The default ten colours, then their lighter shades: up to 20 arms get distinct colours.
+    colors = plt.get_cmap("tab10").colors + plt.get_cmap("tab20").colors[1::2]
+    # Intervals reaching below zero KL are drawn to this left edge of the log axis instead of vanishing.
+    kl_floor = 0.3 * min(max(row["general_kl"]["mean"], 1e-6) for row in summary.values())
     for index, arm in enumerate(arms):
         keys = sorted((key for key in summary if key[0] == arm), key=lambda key: key[1])
         rows = [summary[key] for key in keys]
@@ -200,14 +204,15 @@ def plot_fronts(runs: list[dict], base: dict, path: Path) -> Path | None:
         linestyle = "--" if method == "grpo" else "-"
         kl = [max(row["general_kl"]["mean"], 1e-6) for row in rows]
         gain = [row["safety_gain"]["mean"] for row in rows]
+        kl_half_widths = [row["general_kl"]["ci95"] or 0.0 for row in rows]
         front_axis.errorbar(
             kl,
             gain,
-            xerr=[row["general_kl"]["ci95"] or 0.0 for row in rows],
+            xerr=[[min(half, x - kl_floor) for half, x in zip(kl_half_widths, kl, strict=True)], kl_half_widths],
             yerr=[row["safety_gain"]["ci95"] or 0.0 for row in rows],
             marker=marker,
             linestyle=linestyle,
-            color=f"C{index % 10}",
+            color=colors[index % len(colors)],
             capsize=2,
             label=f"{rows[-1]['label']} (n={len(rows[-1]['seeds'])})" + (", α points" if len(rows) > 1 else ""),
         )
@@ -218,15 +223,17 @@ def plot_fronts(runs: list[dict], base: dict, path: Path) -> Path | None:
         if curves:
             steps = min(len(curve) for curve in curves)
             mean_curve = [statistics.fmean(curve[step] for curve in curves) for step in range(steps)]
-            reward_axis.plot(range(1, steps + 1), mean_curve, linestyle=linestyle, color=f"C{index % 10}")
+            reward_axis.plot(range(1, steps + 1), mean_curve, linestyle=linestyle, color=colors[index % len(colors)])
     front_axis.set_xscale("log")
+    front_axis.set_xlim(left=kl_floor)
     front_axis.set_xlabel("general drift: next-token KL to base on 120 held-out general prompts (log)")
     front_axis.set_ylabel("safety gain: Δ refusal rate on 120 held-out harmful prompts")
     front_axis.axhline(0.0, color="lightgrey", linewidth=0.8)
     front_axis.legend(fontsize=7, loc="upper left")
     front_axis.set_title(
         f"SmolLM2-135M-Instruct, LoRA r=8, 4 prompts × 4 completions × 16 steps; base refusal "
-        f"{base['metrics']['refusal_rate_harmful']:.3f}; mean ± 95% CI over seeds",
+        f"{base['metrics']['refusal_rate_harmful']:.3f}; mean ± 95% CI over seeds\n"
+        "(a KL interval reaching zero ends at the left edge)",
         fontsize=9,
     )
     reward_axis.set_xlabel("optimizer step")
