@@ -125,6 +125,9 @@ def matched_comparison(runs: list[dict]) -> dict:
                 "gain_share": gain,
                 "drift_share": drift,
                 "meets_target": gain["ci95"][0] >= GAIN_SHARE_TARGET and drift["ci95"][1] <= DRIFT_SHARE_TARGET,
+                # With seeds this noisy the means can meet the target while the intervals still reach parity: the
+                # table tells the two apart rather than calling both "missed".
+                "meets_target_on_means": gain["ratio"] >= GAIN_SHARE_TARGET and drift["ratio"] <= DRIFT_SHARE_TARGET,
                 # Alternative points with at least this gain at no more drift (means): NSPO's front lies above the
                 # alternatives' only where this is empty.
                 "dominated_by": [
@@ -171,10 +174,17 @@ def matched_markdown(comparison: dict) -> str:
     ]
     for row in comparison["nspo"]:
         gain, drift = row["gain_share"], row["drift_share"]
+        verdict = (
+            "met"
+            if row["meets_target"]
+            else "met on the means, not by the intervals"
+            if row["meets_target_on_means"]
+            else "missed"
+        )
         lines.append(
             f"| {row['label']} | {gain['ratio']:.0%} ({gain['ci95'][0]:.0%} to {gain['ci95'][1]:.0%}) | "
             f"{drift['ratio']:.0%} ({drift['ci95'][0]:.0%} to {drift['ci95'][1]:.0%}) | "
-            f"{'met' if row['meets_target'] else 'missed'} | {'; '.join(row['dominated_by']) or 'none'} |"
+            f"{verdict} | {'; '.join(row['dominated_by']) or 'none'} |"
         )
     return "\n".join(lines)
 
