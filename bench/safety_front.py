@@ -212,6 +212,7 @@ def plot_fronts(runs: list[dict], base: dict, path: Path) -> Path | None:
         method = rows[0]["method"]
         marker = {"grpo": "s", "grad_only": "D"}.get(method, "o")
         linestyle = "--" if method == "grpo" else "-"
+        color = colors[index % len(colors)]
         kl = [max(row["general_kl"]["mean"], 1e-6) for row in rows]
         gain = [row["safety_gain"]["mean"] for row in rows]
         kl_half_widths = [row["general_kl"]["ci95"] or 0.0 for row in rows]
@@ -222,7 +223,7 @@ def plot_fronts(runs: list[dict], base: dict, path: Path) -> Path | None:
             yerr=[row["safety_gain"]["ci95"] or 0.0 for row in rows],
             marker=marker,
             linestyle=linestyle,
-            color=colors[index % len(colors)],
+            color=color,
             capsize=2,
             label=f"{rows[-1]['label']} (n={len(rows[-1]['seeds'])})" + (", α points" if len(rows) > 1 else ""),
         )
@@ -233,7 +234,7 @@ def plot_fronts(runs: list[dict], base: dict, path: Path) -> Path | None:
         if curves:
             steps = min(len(curve) for curve in curves)
             mean_curve = [statistics.fmean(curve[step] for curve in curves) for step in range(steps)]
-            reward_axis.plot(range(1, steps + 1), mean_curve, linestyle=linestyle, color=colors[index % len(colors)])
+            reward_axis.plot(range(1, steps + 1), mean_curve, linestyle=linestyle, color=color)
     front_axis.set_xscale("log")
     front_axis.set_xlim(left=kl_floor)
     front_axis.set_xlabel("general drift: next-token KL to base on 120 held-out general prompts (log)")
