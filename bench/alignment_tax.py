@@ -59,6 +59,7 @@ from harness import (
     null_space_statistics,
     parse_arguments,
     projectors_for_rule,
+    pyplot,
     ratio,
     record_end,
     refusal_trainer,
@@ -346,13 +347,8 @@ KL_PLOT_FLOOR = 1e-9
 
 def plot_sweep(results: dict, path: Path) -> Path | None:
     """Safety gain against general drift per rule (with GRPO), and held-out output change against null fraction."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install matplotlib): no plot.")
+    plt = pyplot()
+    if plt is None:
         return None
     figure, (tradeoff, preservation) = plt.subplots(1, 2, figsize=(12, 4.8))
     summary = results["summary"]

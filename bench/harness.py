@@ -430,6 +430,19 @@ class ConstraintTimer(MethodTimer):
         super().__init__(constraint, self.METHODS)
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or `None` (saying so) where matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): no plot.")
+        return None
+    return plt
+
+
 def synchronized_clock() -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -12,7 +12,8 @@ import random
 import statistics
 from pathlib import Path
 
-from safety_gain import Arm, mean_ci
+from harness import pyplot
+from safety_gain import Arm, label_front_axis, mean_ci
 
 # The reference: plain GRPO at the protocol's learning rate, unscaled. Its mean gain is "GRPO's full gain".
 REFERENCE = ("grpo", 1.0)
@@ -191,13 +192,8 @@ def matched_markdown(comparison: dict) -> str:
 
 def plot_fronts(runs: list[dict], base: dict, path: Path) -> Path | None:
     """Left: every point (mean ± 95% CI over seeds), each arm's α points joined; right: the mean reward curves."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install matplotlib): no plot.")
+    plt = pyplot()
+    if plt is None:
         return None
     summary = summarise_points(runs)
     figure, (front_axis, reward_axis) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [3, 2]})
@@ -235,18 +231,14 @@ def plot_fronts(runs: list[dict], base: dict, path: Path) -> Path | None:
             steps = min(len(curve) for curve in curves)
             mean_curve = [statistics.fmean(curve[step] for curve in curves) for step in range(steps)]
             reward_axis.plot(range(1, steps + 1), mean_curve, linestyle=linestyle, color=color)
-    front_axis.set_xscale("log")
-    front_axis.set_xlim(left=kl_floor)
-    front_axis.set_xlabel("general drift: next-token KL to base on 120 held-out general prompts (log)")
-    front_axis.set_ylabel("safety gain: Δ refusal rate on 120 held-out harmful prompts")
-    front_axis.axhline(0.0, color="lightgrey", linewidth=0.8)
-    front_axis.legend(fontsize=7, loc="upper left")
-    front_axis.set_title(
+    label_front_axis(
+        front_axis,
+        "120 held-out",
         f"SmolLM2-135M-Instruct, LoRA r=8, 4 prompts × 4 completions × 16 steps; base refusal "
         f"{base['metrics']['refusal_rate_harmful']:.3f}; mean ± 95% CI over seeds\n"
         "(a KL interval reaching zero ends at the left edge)",
-        fontsize=9,
     )
+    front_axis.set_xlim(left=kl_floor)
     reward_axis.set_xlabel("optimizer step")
     reward_axis.set_ylabel("training reward (mean over seeds)")
     reward_axis.set_title("reward curves (same colours)", fontsize=9)

@@ -37,6 +37,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -48,6 +49,7 @@ from harness import (
     evaluation_prompts,
     model_dir,
     parse_arguments,
+    pyplot,
     results_path,
     write_results,
 )
@@ -170,9 +172,12 @@ NULL_SPACE_ARMS = (
 _EARLIER_ARMS = {arm.key: arm for arm in MAIN_ARMS + FRONT_ARMS + NULL_SPACE_ARMS}
 PROTOCOL_ARMS = (
     *(_EARLIER_ARMS[key] for key in ("grpo", "grpo_lr1e-3", "grpo_lr5e-4")),
+    # β = 0.04: DeepSeekMath's value, and GRPOConfig's default in early TRL releases.
+    Arm("grpo_beta0.04_lr2e-3", "grpo", learning_rate=2e-3, beta=0.04),
     Arm("grpo_beta0.1_lr2e-3", "grpo", learning_rate=2e-3, beta=0.1),
     Arm("grpo_beta0.4_lr2e-3", "grpo", learning_rate=2e-3, beta=0.4),
     Arm("nspo_task_conv_lr5e-3", "nspo", learning_rate=5e-3, rule="task", calibration_data="conversations"),
+    Arm("nspo_task_conv_lr7e-3", "nspo", learning_rate=7e-3, rule="task", calibration_data="conversations"),
     Arm("nspo_task_conv_lr1e-2", "nspo", learning_rate=1e-2, rule="task", calibration_data="conversations"),
     _EARLIER_ARMS["nspo_task_conv_lr2e-2"],
     Arm("nspo_heldout_conv_lr5e-2", "nspo", learning_rate=5e-2, rule="heldout", calibration_data="conversations"),
@@ -638,16 +643,21 @@ def per_seed_markdown(runs: list[dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def label_front_axis(axis: Any, held_out: str, title: str) -> None:
+    """Labels a front plot's axis: safety gain (Δ refusal on harmful prompts) over general drift (KL, log scale)."""
+    axis.set_xscale("log")
+    axis.set_xlabel(f"general drift: next-token KL to base on {held_out} general prompts (log)")
+    axis.set_ylabel(f"safety gain: Δ refusal rate on {held_out} harmful prompts")
+    axis.axhline(0.0, color="lightgrey", linewidth=0.8)
+    axis.legend(fontsize=7, loc="upper left")
+    axis.set_title(title, fontsize=9)
+
+
 def plot_front(summary: dict, runs: list[dict], base: dict, path: Path) -> Path | None:
     """Safety gain against general drift (next-token KL), one marker per setting (mean over seeds) with its seeds' runs
     as small dots; GRPO (squares) and grad-only (diamonds) as references."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install matplotlib): no plot.")
+    plt = pyplot()
+    if plt is None:
         return None
     figure, axis = plt.subplots(figsize=(9, 6))
     for index, (key, row) in enumerate(summary.items()):
@@ -674,17 +684,13 @@ def plot_front(summary: dict, runs: list[dict], base: dict, path: Path) -> Path 
             edgecolors="white",
             label=f"{row['label']} (n={row['safety_gain']['n']})",
         )
-    axis.set_xscale("log")
-    axis.set_ylim(-0.15, 1.05)
-    axis.set_xlabel("general drift: next-token KL to base on held-out general prompts (log)")
-    axis.set_ylabel("safety gain: Δ refusal rate on held-out harmful prompts")
-    axis.axhline(0.0, color="lightgrey", linewidth=0.8)
-    axis.legend(fontsize=7, loc="upper left")
-    axis.set_title(
+    label_front_axis(
+        axis,
+        "held-out",
         f"SmolLM2-135M-Instruct, LoRA r=8 on all linear layers, 16 steps; base refusal "
         f"{base['metrics']['refusal_rate_harmful']:.3f}\nlarge markers: mean over seeds; small: single runs",
-        fontsize=9,
     )
+    axis.set_ylim(-0.15, 1.05)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
