@@ -190,12 +190,11 @@ def matched_markdown(comparison: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_fronts(runs: list[dict], base: dict, path: Path) -> Path | None:
+def plot_fronts(summary: dict, runs: list[dict], base: dict, path: Path) -> Path | None:
     """Left: every point (mean ± 95% CI over seeds), each arm's α points joined; right: the mean reward curves."""
     plt = pyplot()
     if plt is None:
         return None
-    summary = summarise_points(runs)
     figure, (front_axis, reward_axis) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [3, 2]})
     arms = list(dict.fromkeys(key for key, _ in summary))
     # The default ten colours, then their lighter shades: up to 20 arms get distinct colours.

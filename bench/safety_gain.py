@@ -707,7 +707,7 @@ def report_fronts(arguments: SafetyGainArguments, base: dict, runs: list[dict]) 
     matched = matched_markdown(comparison)
     print(f"\nEvery point (mean ± 95% CI over seeds; markdown)\n{table}\n\n{matched}")
     name = "safety_front_quick" if arguments.quick else "safety_front"
-    plot = plot_fronts(runs, base, results_path(name, False).with_suffix(".png"))
+    plot = plot_fronts(summary, runs, base, results_path(name, False).with_suffix(".png"))
     result = {
         "settings": arguments.settings(),
         "environment": environment(),
