@@ -64,8 +64,8 @@ def summarise_points(runs: list[dict]) -> dict[tuple[str, float], dict]:
 
 def bootstrap_ratio(numerator: dict[int, float], denominator: dict[int, float], seed: int = 0) -> dict:
     """
-    Ratio of means of two points and its 95% percentile interval, resampling seeds (paired where both points have a
-    seed: the runs of one seed saw the same prompts in the same order).
+    Ratio of means of two points and its 95% percentile interval, resampling seeds: paired when both points have the
+    same seeds (the runs of one seed saw the same prompts in the same order), otherwise each point on its own.
     """
     rng = random.Random(seed)
     num, den = list(numerator.values()), list(denominator.values())
