@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 
 from harness import pyplot
-from safety_gain import Arm, label_front_axis, mean_ci
+from safety_gain import METHOD_MARKERS, Arm, label_front_axis, mean_ci
 
 # The reference: plain GRPO at the protocol's learning rate, unscaled. Its mean gain is "GRPO's full gain".
 REFERENCE = ("grpo", 1.0)
@@ -205,7 +205,7 @@ def plot_fronts(summary: dict, runs: list[dict], base: dict, path: Path) -> Path
         keys = sorted((key for key in summary if key[0] == arm), key=lambda key: key[1])
         rows = [summary[key] for key in keys]
         method = rows[0]["method"]
-        marker = {"grpo": "s", "grad_only": "D"}.get(method, "o")
+        marker = METHOD_MARKERS[method]
         linestyle = "--" if method == "grpo" else "-"
         color = colors[index % len(colors)]
         kl = [max(row["general_kl"]["mean"], 1e-6) for row in rows]

@@ -643,6 +643,10 @@ def per_seed_markdown(runs: list[dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+# Front plots' markers: GRPO squares, the gradient-only ablation diamonds, NSPO circles.
+METHOD_MARKERS = {"grpo": "s", "grad_only": "D", "nspo": "o"}
+
+
 def label_front_axis(axis: Any, held_out: str, title: str) -> None:
     """Labels a front plot's axis: safety gain (Δ refusal on harmful prompts) over general drift (KL, log scale)."""
     axis.set_xscale("log")
@@ -664,7 +668,7 @@ def plot_front(summary: dict, runs: list[dict], base: dict, path: Path) -> Path 
         if row["general_kl"]["mean"] is None:
             continue
         method = Arm(**next(run["arm_settings"] for run in runs if run["arm"] == key)).method
-        marker = {"grpo": "s", "grad_only": "D"}.get(method, "o")
+        marker = METHOD_MARKERS[method]
         color = {"grpo": "black", "grad_only": "grey"}.get(method, f"C{index % 10}")
         seeds = [run["metrics"] for run in runs if run["arm"] == key and "metrics" in run]
         axis.scatter(
