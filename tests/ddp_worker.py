@@ -60,6 +60,7 @@ def main() -> None:
         "log_history": trainer.state.log_history,
     }
     (cli.output_dir / f"report-rank{rank}.json").write_text(json.dumps(report, indent=2))
+    trainer.accelerator.end_training()  # see fsdp2_worker.py: an undestroyed gloo group can abort at exit
 
 
 if __name__ == "__main__":

@@ -258,6 +258,9 @@ def main() -> None:
         log_history=trainer.state.log_history,
     )
     (cli.output_dir / f"report-rank{rank}.json").write_text(json.dumps(report, indent=2))
+    # A gloo group left to the interpreter's exit can abort the process ("terminate called without an active
+    # exception") after everything above succeeded.
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

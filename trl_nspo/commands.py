@@ -285,6 +285,9 @@ def train(argv: Sequence[str]) -> None:
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=dataset_name)
         trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
+    # Under `accelerate launch`, a process group left to the interpreter's exit can abort a rank after everything
+    # was saved, which marks a finished job as failed.
+    trainer.accelerator.end_training()
 
 
 def demo(argv: Sequence[str]) -> None:
